@@ -1,0 +1,1 @@
+"""vpstudy: step-dependent visual evidence in vision-language models."""
