@@ -1,0 +1,168 @@
+"""Tests for vpstudy.datasets: formats, lazy images and error messages."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from vpstudy.datasets import DatasetError, load_dataset
+
+
+def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (6, 4), mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else color[0]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_jsonl(path: Path, records: list[dict | str]) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def jsonl_data(tmp_path: Path) -> Path:
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    (tmp_path / "data" / "img" / "a.png").write_bytes(png_bytes((255, 0, 0)))
+    (tmp_path / "data" / "img" / "gray.png").write_bytes(png_bytes((9, 9, 9), mode="L"))
+    (tmp_path / "data" / "img" / "junk.png").write_bytes(b"not an image")
+    return write_jsonl(
+        tmp_path / "data" / "x.jsonl",
+        [
+            {"id": 1, "image": "img/a.png", "question": "Color?", "answer": "red",
+             "choices": ["red", "blue"], "category": "color"},
+            "",
+            {"id": "b", "image": "img/gray.png", "question": "Shade?"},
+            {"id": 3, "image": "img/missing.png", "question": "Q?", "answer": 7},
+            {"id": 4, "image": "img/junk.png", "question": "Q?"},
+        ],
+    )
+
+
+def test_jsonl_relative_images(jsonl_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    dataset = load_dataset("data/x.jsonl")
+    assert (dataset.name, len(dataset)) == ("x", 4)
+    first = dataset[0]
+    assert (first.id, first.question, first.answer) == ("1", "Color?", "red")
+    assert first.choices == ["red", "blue"]
+    assert first.extra == {"category": "color"}
+    assert first.source == "data/x.jsonl:line 1"
+    assert dataset[1].source == "data/x.jsonl:line 3"  # blank lines are skipped, not renumbered
+    assert (dataset[1].answer, dataset[1].choices, dataset[1].extra) == (None, None, {})
+    assert dataset[2].answer == "7"
+
+    monkeypatch.chdir("/")  # relative image paths resolve against the data file, not the cwd
+    image = first.image()
+    assert (image.mode, image.size) == ("RGB", (6, 4))
+    assert image.getpixel((0, 0)) == (255, 0, 0)
+    assert dataset[1].image().mode == "RGB"
+    assert [e.id for e in dataset[1:3]] == ["b", "3"]
+    assert [e.id for e in load_dataset(jsonl_data, limit=2)] == ["1", "b"]
+
+
+def test_images_are_opened_lazily(jsonl_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    dataset = load_dataset("data/x.jsonl")  # loads fine despite a missing and a broken image
+    with pytest.raises(DatasetError) as err:
+        dataset[2].image()
+    assert str(err.value) == "data/x.jsonl:line 4: image 'img/missing.png' not found"
+    with pytest.raises(DatasetError, match=r"^data/x.jsonl:line 5: image 'img/junk.png' cannot be read as an image"):
+        dataset[3].image()
+
+
+def test_parquet_with_image_bytes(tmp_path: Path) -> None:
+    frame = pd.DataFrame(
+        {
+            "id": [10, 11, 12],
+            "image": [png_bytes((0, 255, 0)), png_bytes((0, 0, 255)), b"garbage"],
+            "question": ["q0", "q1", "q2"],
+            "answer": ["A", None, "C"],
+            "choices": [["A", "B"], None, ["C"]],
+            "split": ["val", "val", "test"],
+        }
+    )
+    frame.to_parquet(tmp_path / "toy.parquet")
+    dataset = load_dataset(tmp_path / "toy.parquet")
+    assert [e.id for e in dataset] == ["10", "11", "12"]
+    assert [e.answer for e in dataset] == ["A", None, "C"]
+    assert [e.choices for e in dataset] == [["A", "B"], None, ["C"]]
+    assert dataset[2].extra == {"split": "test"}
+    assert dataset[1].source == f"{tmp_path}/toy.parquet:row 1"
+    assert dataset[1].image().getpixel((0, 0)) == (0, 0, 255)
+    with pytest.raises(DatasetError, match=r"toy.parquet:row 2: image \(7 bytes\) cannot be read as an image"):
+        dataset[2].image()
+    assert len(load_dataset(tmp_path / "toy.parquet", limit=1)) == 1
+
+
+def test_save_to_disk_directory(tmp_path: Path) -> None:
+    import datasets
+
+    images = [Image.new("RGB", (5, 5), (i * 100, 0, 0)) for i in range(3)]
+    features = datasets.Features(
+        {"id": datasets.Value("int64"), "image": datasets.Image(), "question": datasets.Value("string"),
+         "answer": datasets.Value("string"), "source_name": datasets.Value("string")}
+    )
+    hf = datasets.Dataset.from_dict(
+        {"id": [0, 1, 2], "image": images, "question": ["q"] * 3, "answer": ["a", "b", "c"],
+         "source_name": ["s"] * 3},
+        features=features,
+    )
+    hf.save_to_disk(str(tmp_path / "hf_toy"))
+    dataset = load_dataset(tmp_path / "hf_toy", limit=2)
+    assert dataset.name == "hf_toy"
+    assert [(e.id, e.answer) for e in dataset] == [("0", "a"), ("1", "b")]
+    assert dataset[0].extra == {"source_name": "s"}
+    assert dataset[1].source == f"{tmp_path}/hf_toy:row 1"
+    assert dataset[1].image().getpixel((0, 0)) == (100, 0, 0)
+
+    datasets.DatasetDict({"train": hf, "test": hf}).save_to_disk(str(tmp_path / "hf_dict"))
+    with pytest.raises(DatasetError, match="holds splits train, test; pass one split directory"):
+        load_dataset(tmp_path / "hf_dict")
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=f"^{tmp_path}/nope.jsonl: no such file or directory$"):
+        load_dataset(tmp_path / "nope.jsonl")
+    (tmp_path / "d.csv").write_text("id,image\n")
+    with pytest.raises(DatasetError, match=r"d.csv: unsupported extension '.csv'"):
+        load_dataset(tmp_path / "d.csv")
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"id": 1, "image": "a.png", "question": "q"}, "{oops"])
+    with pytest.raises(DatasetError, match=f"^{path}:line 2: malformed JSON"):
+        load_dataset(path)
+    assert len(load_dataset(path, limit=1)) == 1  # records past the limit are not parsed
+
+
+@pytest.mark.parametrize("field", ["id", "image", "question"])
+def test_missing_required_field(tmp_path: Path, field: str) -> None:
+    record = {"id": 1, "image": "a.png", "question": "q"}
+    del record[field]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": 0, "image": "a.png", "question": "q"}, record])
+    with pytest.raises(DatasetError) as err:
+        load_dataset(path)
+    assert str(err.value) == f"{path}:line 2: required field '{field}' is missing"
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"id": 1, "image": "a.png", "question": "q", "choices": "A or B"},
+         "line 2: field 'choices' must be a list, got str"),
+        ({"id": "0", "image": "a.png", "question": "q"}, "line 2: duplicate id '0' (first at {path}:line 1)"),
+        ({"id": [1], "image": "a.png", "question": "q"}, "line 2: field 'id' must be a scalar, got list"),
+        ({"id": 1, "image": 5, "question": "q"}, "line 2: field 'image' must be a path or image bytes"),
+        ({"id": 1, "image": "a.png", "question": 5}, "line 2: field 'question' must be a string"),
+        ([1, 2], "line 2: expected an object, got list"),
+    ],
+)
+def test_record_errors(tmp_path: Path, record: object, message: str) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": 0, "image": "a.png", "question": "q"}, json.dumps(record)])
+    with pytest.raises(DatasetError) as err:
+        load_dataset(path)
+    assert str(err.value).startswith(f"{path}:" + message.format(path=path))
