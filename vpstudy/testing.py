@@ -266,3 +266,35 @@ def make_tiny(
         ).save_pretrained(out)
     (out / "vpstudy_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
     return out
+
+
+def make_tiny_dataset(out_dir: str | Path, n: int = 8, seed: int = 0, *, size: tuple[int, int] = (84, 84)) -> Path:
+    """Write ``n`` random images and a ``data.jsonl`` in the dataset format vpstudy reads.
+
+    Each image is a dark canvas with one coloured square; the question asks for its colour and
+    the reference answer is the colour word. Image sizes vary slightly per example so that
+    families with dynamic resolution give ragged visual-token counts in a batch.
+
+    Returns:
+        the path of ``data.jsonl``.
+    """
+    import numpy as np
+    from PIL import Image
+
+    colours = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        h, w = size[0] + 8 * int(rng.integers(0, 3)), size[1] + 8 * int(rng.integers(0, 3))
+        pixels = np.full((h, w, 3), 20, dtype=np.uint8)
+        name = list(colours)[int(rng.integers(len(colours)))]
+        y, x = int(rng.integers(0, h - 24)), int(rng.integers(0, w - 24))
+        pixels[y : y + 24, x : x + 24] = colours[name]
+        Image.fromarray(pixels).save(out / "images" / f"{i:04d}.png")
+        record = {"id": f"tiny-{i:04d}", "image": f"images/{i:04d}.png", "question": "what colour is the square", "answer": name}
+        lines.append(json.dumps(record))
+    path = out / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

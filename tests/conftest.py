@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny random models of every family and a tiny dataset, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vpstudy.families import FAMILIES
+from vpstudy.testing import make_tiny, make_tiny_dataset
+
+ALL_FAMILIES = sorted(FAMILIES)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: make_tiny(family, root / family, seed=0) for family in ALL_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("data"), n=6, seed=0)

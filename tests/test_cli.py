@@ -1,0 +1,146 @@
+"""`vpstudy record` end to end: run store contents, resume, kill -9, and bad input that loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import vpstudy
+from vpstudy.cli import main
+from vpstudy.testing import make_tiny_dataset
+
+
+def _record(model: Path, data: Path, out: Path, *extra: str, max_new_tokens: str = "6") -> int:
+    return main(["record", "--model", str(model), "--data", str(data), "--out", str(out),
+                 "--max-new-tokens", max_new_tokens, "--batch-size", "2", *extra])  # fmt: skip
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def recorded(tmp_path, tiny_dirs, tiny_data, capsys):
+    out = tmp_path / "run"
+    assert _record(tiny_dirs["qwen2_vl"], tiny_data, out, "--limit", "4") == 0
+    assert f"{out}: 4 samples, 48 step-layer rows" in capsys.readouterr().out  # the summary line
+    return out
+
+
+def test_record_writes_the_run_store(recorded):
+    run = vpstudy.open_run(recorded)
+    assert run.manifest["schema_version"] == 1 and run.manifest["model"]["family"] == "qwen2_vl"
+    assert run.manifest["layers"] == [0, 1] and len(run.manifest["model_config_hash"]) == 16
+    assert list(run.samples["sample_id"]) == [f"tiny-{i:04d}" for i in range(4)]
+    steps = pd.read_parquet(recorded / "steps.parquet")  # pandas alone reads the store
+    assert len(steps) == len(run.steps) == int(run.samples["steps"].sum()) * 2
+    for _, sample in run.samples.iterrows():
+        scores = run.scores(sample.sample_id)
+        assert scores.shape == (sample.steps, 2, sample.n_visual) and scores.dtype == np.float16
+        rows = run.steps[run.steps.sample_id == sample.sample_id].sort_values(["step", "layer"])
+        np.testing.assert_allclose(rows["mass"].to_numpy(), scores.astype(np.float32).sum(-1).reshape(-1), atol=2e-3)
+        max_scores = run.arrays(sample.sample_id)["max_scores"]
+        np.testing.assert_allclose(max_scores, scores.astype(np.float32).max(0), atol=1e-3)
+        assert int(np.prod(sample.grid_shape)) == sample.n_visual
+    assert {"active@0.0005", "active@2/Nv", "max_head_mass", "token_text"} <= set(steps.columns)
+
+
+def test_rerun_resumes_without_duplicates(recorded, tiny_dirs, tiny_data):
+    before = vpstudy.open_run(recorded).steps
+    assert _record(tiny_dirs["qwen2_vl"], tiny_data, recorded) == 0  # no limit: records the other 2
+    run = vpstudy.open_run(recorded)
+    assert len(run.samples) == 6 and run.samples["sample_id"].is_unique
+    pd.testing.assert_frame_equal(run.steps.iloc[: len(before)].reset_index(drop=True), before.reset_index(drop=True))
+
+
+def test_kill_9_loses_at_most_the_sample_in_flight(tmp_path, tiny_dirs):
+    data = make_tiny_dataset(tmp_path / "data", n=12)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vpstudy.cli", "record", "--model", str(tiny_dirs["qwen2_vl"]), "--data", str(data),
+           "--out", str(out), "--max-new-tokens", "48", "--batch-size", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    parts = out / "samples.parquet"
+    while time.monotonic() < deadline and (not parts.exists() or len(list(parts.glob("part-*"))) < 3):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run = vpstudy.open_run(out)
+    assert 3 <= len(run.samples) < 12, "the run should have been killed part-way"
+    assert run.samples["sample_id"].is_unique
+    assert set(run.steps["sample_id"]) == set(run.samples["sample_id"])
+    for _, sample in run.samples.iterrows():
+        assert run.scores(sample.sample_id).shape[0] == sample.steps
+    finished = list(run.samples["sample_id"])
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    run = vpstudy.open_run(out)
+    assert len(run.samples) == 12 and run.samples["sample_id"].is_unique
+    assert list(run.samples["sample_id"])[: len(finished)] == finished
+
+
+def _bad_image_data(tmp_path: Path, kind: str) -> Path:
+    data = make_tiny_dataset(tmp_path / kind, n=3)
+    lines = data.read_text().splitlines()
+    record = {**json.loads(lines[1]), "id": f"{kind}-1"}  # a new sample, so it is not skipped as done
+    if kind == "missing":
+        record["image"] = "images/gone.png"
+    else:
+        (data.parent / "images" / "broken.png").write_bytes(b"not a png")
+        record["image"] = "images/broken.png"
+    lines[1] = json.dumps(record)
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing image", r"data.jsonl:line 2: image 'images/gone.png' not found"),
+        ("unreadable image", r"data.jsonl:line 2: image 'images/broken.png' cannot be read as an image"),
+        ("layers out of range", r"layers \[7\] out of range: the text model has 2 layers"),
+        ("other settings", r"existing run was recorded with different generation"),
+        ("other schema", r"manifest.json: schema version 99, this vpstudy writes 1; use a new --out directory"),
+        ("unsupported family", r"model_type 'bert' is not a supported family"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_the_run_intact(case, message, recorded, tmp_path, tiny_dirs, tiny_data, capsys):
+    model, data, extra, max_new_tokens = tiny_dirs["qwen2_vl"], tiny_data, [], "6"
+    if case == "missing image":
+        data = _bad_image_data(tmp_path, "missing")
+    elif case == "unreadable image":
+        data = _bad_image_data(tmp_path, "unreadable")
+    elif case == "layers out of range":
+        extra = ["--layers", "0,7"]
+    elif case == "other settings":
+        max_new_tokens = "9"
+    elif case == "other schema":
+        manifest = json.loads((recorded / "manifest.json").read_text())
+        (recorded / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    elif case == "unsupported family":
+        model = tmp_path / "bert"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    before = _snapshot(recorded)
+    capsys.readouterr()
+    assert _record(model, data, recorded, *extra, max_new_tokens=max_new_tokens) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("vpstudy record: error: "), errors
+    assert re.search(message, errors[0]), errors[0]
+    assert _snapshot(recorded) == before
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--samples", "3", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "3 samples" in out and "run written to" in out
+    assert len(vpstudy.open_run(tmp_path / "demo" / "run").samples) == 3
