@@ -48,7 +48,6 @@ def _record(args: argparse.Namespace) -> str:
         thresholds=args.thresholds,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
-        limit=args.limit,
         seed=args.seed,
     )
     run = record_dataset(model, processor, dataset, args.out, settings, model_path=str(args.model))
@@ -88,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--max-new-tokens", type=_positive, default=64)
     rec.add_argument("--batch-size", type=_positive, default=1)
     rec.add_argument("--limit", type=_positive, default=None, help="record only the first N examples")
-    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--seed", type=int, default=0, help="torch seed (decoding is greedy; recorded)")
     rec.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     rec.add_argument("--device", default="cpu")
     rec.set_defaults(run=_record)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,7 @@ class RecordSettings:
     thresholds: list[str] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
     max_new_tokens: int = 64
     batch_size: int = 1
-    limit: int | None = None
-    seed: int = 0
+    seed: int = 0  # torch seed set before decoding (decoding is greedy; kept for provenance)
 
 
 def normalize_answer(text: str) -> str:
@@ -182,10 +181,8 @@ def record_dataset(
                 pad_token_id=tokenizer.pad_token_id,
             )  # fmt: skip
             generated = output[:, inputs["input_ids"].shape[1] :].tolist()
-            image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-            image_inputs |= {"image_sizes": [im.size[::-1] for im in images]} if "image_sizes" not in inputs else {}
             for b, (example, trace) in enumerate(zip(batch, recorder.traces(), strict=True)):
-                grid = spec.grid_shape(image_inputs, b, context)
+                grid = spec.grid_shape(inputs, b, context | {"n_visual": trace.n_visual})
                 writer.write_sample(*sample_tables(example, dataset.name, trace, generated[b], tokenizer, grid))
             bar.update(len(batch))
     return open_run(out)
@@ -202,5 +199,3 @@ def summary_line(run: Run) -> str:
         parts.append(f"exact match {float(np.mean(scored.astype(bool))):.1%}")
     return f"{run.path}: " + ", ".join(parts)
 
-
-__all__ = ["RecordSettings", "record_dataset", "summary_line", "asdict"]

@@ -89,7 +89,10 @@ class FamilySpec:
         return TOKEN_COUNTERS[self.token_counter](image_inputs, index, context)
 
     def grid_shape(self, image_inputs: Mapping[str, Any], index: int, context: Mapping[str, Any]) -> list[int]:
-        """Layout of the image's visual tokens (``[t, h, w]`` or ``[h, w]``), for figures."""
+        """Layout of the image's visual tokens (``[t, h, w]`` or ``[h, w]``), for figures.
+
+        ``context`` holds ``config`` and ``image_processor`` and may hold ``n_visual``.
+        """
         return GRID_SHAPES[self.token_counter](image_inputs, index, context)
 
 
@@ -130,10 +133,12 @@ def _internvl_tokens(image_inputs: Mapping[str, Any], index: int, context: Mappi
 
 
 def _internvl_grid(image_inputs: Mapping[str, Any], index: int, context: Mapping[str, Any]) -> list[int]:
+    """``[crops, side, side]``; the crop count comes from ``context["n_visual"]`` when known
+    (model inputs no longer carry ``num_patches``)."""
     per_crop = int(context["config"].image_seq_length)
     side = math.isqrt(per_crop)
-    n_crops = _internvl_tokens(image_inputs, index, context) // per_crop
-    return [n_crops, side, side]
+    n_visual = context.get("n_visual") or _internvl_tokens(image_inputs, index, context)
+    return [int(n_visual) // per_crop, side, side]
 
 
 def _onevision_tokens(image_inputs: Mapping[str, Any], index: int, context: Mapping[str, Any]) -> int:

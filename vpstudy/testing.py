@@ -71,6 +71,11 @@ def make_tokenizer(spec: FamilySpec, extra_words: list[str] | None = None) -> An
     return tokenizer
 
 
+# a builder returns the model config, the image processor, and (where the family's full processor
+# can be built without torchvision) a factory for it
+Built = tuple[Any, Any, Callable[[], Any] | None]
+
+
 def _text_config(vocab_size: int, **overrides: Any) -> dict[str, Any]:
     config = dict(
         hidden_size=64,
@@ -93,7 +98,7 @@ def _ids(tok: Any, *names: str) -> list[int]:
     return [tok.convert_tokens_to_ids(n) for n in names]
 
 
-def _llava(tok: Any, text_overrides: dict[str, Any]) -> tuple[Any, Any]:
+def _llava(tok: Any, text_overrides: dict[str, Any]) -> Built:
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     (image,) = _ids(tok, "<image>")
@@ -108,11 +113,20 @@ def _llava(tok: Any, text_overrides: dict[str, Any]) -> tuple[Any, Any]:
         vision_feature_layer=-1,
         image_seq_length=16,
     )
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
-    return config, processor
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+
+    def full_processor() -> Any:  # LlavaProcessor builds without torchvision: ship it too
+        from transformers import LlavaProcessor
+
+        return LlavaProcessor(
+            image_processor=image_processor, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1, chat_template=tok.chat_template,
+        )  # fmt: skip
+
+    return config, image_processor, full_processor
 
 
-def _llava_onevision(tok: Any, text_overrides: dict[str, Any]) -> tuple[Any, Any]:
+def _llava_onevision(tok: Any, text_overrides: dict[str, Any]) -> Built:
     from transformers import LlavaOnevisionConfig, LlavaOnevisionImageProcessorPil, Qwen2Config, SiglipVisionConfig
 
     image, video = _ids(tok, "<image>", "<video>")
@@ -130,7 +144,7 @@ def _llava_onevision(tok: Any, text_overrides: dict[str, Any]) -> tuple[Any, Any
         image_grid_pinpoints=pinpoints,
     )
     processor = LlavaOnevisionImageProcessorPil(size={"height": 56, "width": 56}, image_grid_pinpoints=pinpoints)
-    return config, processor
+    return config, processor, None
 
 
 def _qwen_ids(tok: Any) -> dict[str, int]:
@@ -138,7 +152,7 @@ def _qwen_ids(tok: Any) -> dict[str, int]:
     return dict(image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
 
 
-def _qwen2_vl(tok: Any, text_overrides: dict[str, Any]) -> tuple[Any, Any]:
+def _qwen2_vl(tok: Any, text_overrides: dict[str, Any]) -> Built:
     from transformers import Qwen2VLConfig, Qwen2VLImageProcessorPil
 
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
@@ -151,10 +165,10 @@ def _qwen2_vl(tok: Any, text_overrides: dict[str, Any]) -> tuple[Any, Any]:
         **_qwen_ids(tok),
     )  # fmt: skip
     processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
-    return config, processor
+    return config, processor, None
 
 
-def _qwen2_5_vl(tok: Any, text_overrides: dict[str, Any]) -> tuple[Any, Any]:
+def _qwen2_5_vl(tok: Any, text_overrides: dict[str, Any]) -> Built:
     from transformers import Qwen2_5_VLConfig, Qwen2VLImageProcessorPil
 
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
@@ -167,10 +181,10 @@ def _qwen2_5_vl(tok: Any, text_overrides: dict[str, Any]) -> tuple[Any, Any]:
         **_qwen_ids(tok),
     )  # fmt: skip
     processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
-    return config, processor
+    return config, processor, None
 
 
-def _qwen3_vl(tok: Any, text_overrides: dict[str, Any]) -> tuple[Any, Any]:
+def _qwen3_vl(tok: Any, text_overrides: dict[str, Any]) -> Built:
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig
 
     rope = {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True, "rope_theta": 10000.0}
@@ -183,10 +197,10 @@ def _qwen3_vl(tok: Any, text_overrides: dict[str, Any]) -> tuple[Any, Any]:
         **_qwen_ids(tok),
     )  # fmt: skip
     processor = Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=128 * 128, patch_size=16, merge_size=2)
-    return config, processor
+    return config, processor, None
 
 
-def _internvl(tok: Any, text_overrides: dict[str, Any]) -> tuple[Any, Any]:
+def _internvl(tok: Any, text_overrides: dict[str, Any]) -> Built:
     from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLVisionConfig, Qwen2Config
 
     (image,) = _ids(tok, "<IMG_CONTEXT>")
@@ -203,10 +217,10 @@ def _internvl(tok: Any, text_overrides: dict[str, Any]) -> tuple[Any, Any]:
         vision_feature_layer=-1,
     )
     processor = GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, crop_to_patches=False)
-    return config, processor
+    return config, processor, None
 
 
-BUILDERS: dict[str, Callable[[Any, dict[str, Any]], tuple[Any, Any]]] = {
+BUILDERS: dict[str, Callable[[Any, dict[str, Any]], Built]] = {
     "llava": _llava,
     "llava_onevision": _llava_onevision,
     "qwen2_vl": _qwen2_vl,
@@ -243,7 +257,7 @@ def make_tiny(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(spec, extra_words)
-    config, image_processor = BUILDERS[family](tokenizer, dict(text_overrides or {}))
+    config, image_processor, full_processor = BUILDERS[family](tokenizer, dict(text_overrides or {}))
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa").eval()
     model.generation_config.pad_token_id = PAD
@@ -253,17 +267,8 @@ def make_tiny(
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     image_processor.save_pretrained(out)
-    if family == "llava":  # the one family whose processor builds without torchvision: ship it too
-        from transformers import LlavaProcessor
-
-        LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=tokenizer.chat_template,
-        ).save_pretrained(out)
+    if full_processor is not None:
+        full_processor().save_pretrained(out)
     (out / "vpstudy_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
     return out
 
