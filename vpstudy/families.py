@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -181,7 +181,18 @@ GRID_SHAPES: dict[str, Callable[[Mapping[str, Any], int, Mapping[str, Any]], lis
     "onevision_anyres": _onevision_grid,
 }
 
-_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+_QWEN2_VL = FamilySpec(
+    name="qwen2_vl",
+    model_types=("qwen2_vl",),
+    model_class="Qwen2VLForConditionalGeneration",
+    text_layers="model.language_model.layers",
+    placeholder_token_fields=("image_token_id", "video_token_id"),
+    rope="mrope",
+    needs_mm_token_type_ids=True,
+    image_prompt="<|vision_start|><|image_pad|><|vision_end|>",
+    image_token_text="<|image_pad|>",
+    token_counter="qwen_grid",
+)
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
@@ -210,43 +221,11 @@ FAMILIES: dict[str, FamilySpec] = {
             image_token_text="<image>",
             token_counter="onevision_anyres",
         ),
-        FamilySpec(
-            name="qwen2_vl",
-            model_types=("qwen2_vl",),
-            model_class="Qwen2VLForConditionalGeneration",
-            text_layers="model.language_model.layers",
-            placeholder_token_fields=("image_token_id", "video_token_id"),
-            rope="mrope",
-            needs_mm_token_type_ids=True,
-            image_prompt=_QWEN_IMAGE,
-            image_token_text="<|image_pad|>",
-            token_counter="qwen_grid",
-        ),
-        FamilySpec(
-            name="qwen2_5_vl",
-            model_types=("qwen2_5_vl",),
-            model_class="Qwen2_5_VLForConditionalGeneration",
-            text_layers="model.language_model.layers",
-            placeholder_token_fields=("image_token_id", "video_token_id"),
-            rope="mrope",
-            needs_mm_token_type_ids=True,
-            image_prompt=_QWEN_IMAGE,
-            image_token_text="<|image_pad|>",
-            token_counter="qwen_grid",
-        ),
-        FamilySpec(
-            name="qwen3_vl",
-            model_types=("qwen3_vl",),
-            model_class="Qwen3VLForConditionalGeneration",
-            text_layers="model.language_model.layers",
-            placeholder_token_fields=("image_token_id", "video_token_id"),
-            rope="mrope_interleaved",
-            needs_mm_token_type_ids=True,
-            image_prompt=_QWEN_IMAGE,
-            image_token_text="<|image_pad|>",
-            token_counter="qwen_grid",
-            extra={"deepstack": True},
-        ),
+        _QWEN2_VL,
+        replace(_QWEN2_VL, name="qwen2_5_vl", model_types=("qwen2_5_vl",),
+                model_class="Qwen2_5_VLForConditionalGeneration"),
+        replace(_QWEN2_VL, name="qwen3_vl", model_types=("qwen3_vl",), model_class="Qwen3VLForConditionalGeneration",
+                rope="mrope_interleaved", extra={"deepstack": True}),
         FamilySpec(
             name="internvl",
             model_types=("internvl",),
@@ -261,7 +240,7 @@ FAMILIES: dict[str, FamilySpec] = {
             processor_only_keys=("num_patches",),
         ),
     )
-}
+}  # fmt: skip
 
 
 def family_for_config(config: Any, source: str = "config.json") -> FamilySpec:
