@@ -76,7 +76,9 @@ def make_tokenizer(spec: FamilySpec, extra_words: list[str] | None = None) -> An
 Built = tuple[Any, Any, Callable[[], Any] | None]
 
 
-def _text_config(vocab_size: int, **overrides: Any) -> dict[str, Any]:
+def _text_config(vocab_size: int, defaults: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Text-config fields of a tiny model: the common ones, then a builder's ``defaults``, then
+    the caller's ``overrides`` (which win)."""
     config = dict(
         hidden_size=64,
         intermediate_size=128,
@@ -90,6 +92,7 @@ def _text_config(vocab_size: int, **overrides: Any) -> dict[str, Any]:
         max_position_embeddings=4096,
         tie_word_embeddings=False,
     )
+    config.update(defaults or {})
     config.update(overrides)
     return config
 
@@ -157,9 +160,9 @@ def _qwen2_vl(tok: Any, text_overrides: dict[str, Any]) -> Built:
 
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
     config = Qwen2VLConfig(
-        text_config=_text_config(len(tok), rope_parameters=rope, **text_overrides),
+        text_config=(text := _text_config(len(tok), {"rope_parameters": rope}, **text_overrides)),
         vision_config=dict(
-            depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2,
+            depth=2, embed_dim=64, hidden_size=text["hidden_size"], num_heads=4, mlp_ratio=2,
             patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
         ),
         **_qwen_ids(tok),
@@ -173,9 +176,9 @@ def _qwen2_5_vl(tok: Any, text_overrides: dict[str, Any]) -> Built:
 
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
     config = Qwen2_5_VLConfig(
-        text_config=_text_config(len(tok), rope_parameters=rope, **text_overrides),
+        text_config=(text := _text_config(len(tok), {"rope_parameters": rope}, **text_overrides)),
         vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
             patch_size=14, window_size=56, fullatt_block_indexes=[1],
         ),
         **_qwen_ids(tok),
@@ -189,9 +192,9 @@ def _qwen3_vl(tok: Any, text_overrides: dict[str, Any]) -> Built:
 
     rope = {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True, "rope_theta": 10000.0}
     config = Qwen3VLConfig(
-        text_config=_text_config(len(tok), head_dim=16, rope_parameters=rope, **text_overrides),
+        text_config=(text := _text_config(len(tok), {"head_dim": 16, "rope_parameters": rope}, **text_overrides)),
         vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
             patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0],
         ),
         **_qwen_ids(tok),
