@@ -107,6 +107,7 @@ def _bad_image_data(tmp_path: Path, kind: str) -> Path:
     [
         ("missing image", r"data.jsonl:line 2: image 'images/gone.png' not found"),
         ("unreadable image", r"data.jsonl:line 2: image 'images/broken.png' cannot be read as an image"),
+        ("placeholder in question", r"prompt 0 holds 2 image placeholders '<\|image_pad\|>' for its one image"),
         ("layers out of range", r"layers \[7\] out of range: the text model has 2 layers"),
         ("other settings", r"existing run was recorded with different generation"),
         ("other schema", r"manifest.json: schema version 99, this vpstudy writes 1; use a new --out directory"),
@@ -119,6 +120,10 @@ def test_bad_input_is_one_line_and_leaves_the_run_intact(case, message, recorded
         data = _bad_image_data(tmp_path, "missing")
     elif case == "unreadable image":
         data = _bad_image_data(tmp_path, "unreadable")
+    elif case == "placeholder in question":
+        data = make_tiny_dataset(tmp_path / "placeholder", n=1)
+        record = {**json.loads(data.read_text()), "id": "placeholder-1", "question": "what is <|image_pad|> here"}
+        data.write_text(json.dumps(record) + "\n")
     elif case == "layers out of range":
         extra = ["--layers", "0,7"]
     elif case == "other settings":

@@ -57,8 +57,10 @@ def test_placeholder_count_mismatch_is_one_line_error(tiny_dirs, tiny_data):
     spec = model.vpstudy_family
     image = vpstudy.datasets.load_dataset(tiny_data)[0].image()
     two = format_prompt(processor, spec, "a") + " " + spec.image_prompt
-    with pytest.raises(InputError, match="more '<|image_pad|>' placeholders than images"):
+    with pytest.raises(InputError, match=r"prompt 0 holds 2 image placeholders '<\|image_pad\|>' for its one image"):
         prepare_batch(processor, spec, model.config, [two], [image])
+    with pytest.raises(InputError, match="more '<|image_pad|>' placeholders than images"):  # the processor's own check
+        processor(text=[two], images=[image])
     with pytest.raises(InputError, match="holds no image placeholder"):
         prepare_batch(processor, spec, model.config, ["USER: what ASSISTANT:"], [image])
 

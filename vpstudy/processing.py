@@ -125,8 +125,11 @@ def prepare_batch(
     if len(prompts) != len(images):
         raise InputError(f"{len(prompts)} prompts but {len(images)} images")
     for i, prompt in enumerate(prompts):
-        if spec.image_token_text not in prompt:
+        count = prompt.count(spec.image_token_text)
+        if count == 0:
             raise InputError(f"prompt {i} holds no image placeholder {spec.image_token_text!r}: {prompt[:60]!r}")
+        if count != 1:
+            raise InputError(f"prompt {i} holds {count} image placeholders {spec.image_token_text!r} for its one image")
     tokenizer = tokenizer_of(processor)
     tokenizer.padding_side = "left"
     inputs = processor(text=list(prompts), images=list(images), return_tensors="pt", padding=True)
