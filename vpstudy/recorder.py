@@ -113,6 +113,7 @@ class _Generation:
     visual_index: torch.Tensor  # [B, N_max] long
     visual_valid: torch.Tensor  # [B, N_max] bool
     deltas: torch.Tensor  # [B, K] float32
+    eos: torch.Tensor  # [E] long: token ids that end a row
     alive: torch.Tensor  # [B] bool: row has not emitted EOS before the current step
     n_steps: torch.Tensor  # [B] long: steps counted per row
     running_max: torch.Tensor  # [L, B, N_max]
@@ -251,9 +252,7 @@ class Recorder:
             self._begin(input_ids, kwargs.get("attention_mask"))
         elif self._state is not None:
             state = self._state
-            last = input_ids[:, -1]
-            if self.eos_token_ids:
-                state.alive &= ~torch.isin(last, torch.tensor(self.eos_token_ids, device=last.device))
+            state.alive &= ~torch.isin(input_ids[:, -1], state.eos)
             state.step += 1
             state.n_steps += state.alive.long()
 
@@ -279,6 +278,7 @@ class Recorder:
             visual_index=index,
             visual_valid=valid,
             deltas=deltas,
+            eos=torch.tensor(self.eos_token_ids, dtype=torch.long, device=device),
             alive=torch.ones(batch, dtype=torch.bool, device=device),
             n_steps=torch.ones(batch, dtype=torch.long, device=device),
             running_max=torch.zeros(n_layers, batch, n_max, device=device),
