@@ -6,7 +6,6 @@ samples already committed (resume), so a killed run loses at most the batch in f
 
 from __future__ import annotations
 
-import platform
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from .datasets import Example, VisionDataset
 from .loading import config_hash, family_of
 from .processing import format_prompt, prepare_batch, tokenizer_of
+from .provenance import package_versions
 from .recorder import DEFAULT_THRESHOLDS, Recorder, SampleTrace
 from .runs import Run, RunWriter, open_run
 
@@ -54,21 +54,6 @@ def is_correct(generated: str, reference: str | None) -> bool | None:
     return normalize_answer(generated) == normalize_answer(reference)
 
 
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from . import __version__
-
-    return {
-        "vpstudy": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "pandas": pd.__version__,
-    }
-
-
 def build_manifest(model: Any, model_path: str, dataset: VisionDataset, settings: RecordSettings,
                    layers: list[int], thresholds: list[str]) -> dict[str, Any]:  # fmt: skip
     """The manifest of a recording run (see SPEC, Runs)."""
@@ -93,7 +78,7 @@ def build_manifest(model: Any, model_path: str, dataset: VisionDataset, settings
         "budget_rule": None,
         "seed": settings.seed,
         "score_dtype": np.dtype(SCORE_DTYPE).name,
-        "versions": _versions(),
+        "versions": package_versions(),
     }
 
 

@@ -67,6 +67,7 @@ from PIL import Image
 
 import vpstudy
 from vpstudy.processing import format_prompt, prepare_batch
+from vpstudy.provenance import package_versions
 from vpstudy.recorder import Recorder
 from vpstudy.testing import make_tiny
 
@@ -377,12 +378,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": shlex.join(command),
         "device": {"type": "cpu", "name": cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                    "load_average_before": load_before, "load_average_after": load_after},  # fmt: skip
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "vpstudy": vpstudy.__version__,
-        },
+        "versions": package_versions(),
         "geometry": {**asdict(geometry), "head_dim": geometry.head_dim, "mrope_section": geometry.mrope_section},
         "visual_tokens": n_visual,
         "image_grid_thw": grid,
