@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import snapshot
 
 import vpstudy
 from vpstudy.cli import main
@@ -23,10 +24,6 @@ from vpstudy.testing import make_tiny_dataset
 def _record(model: Path, data: Path, out: Path, *extra: str, max_new_tokens: str = "6") -> int:
     return main(["record", "--model", str(model), "--data", str(data), "--out", str(out),
                  "--max-new-tokens", max_new_tokens, "--batch-size", "2", *extra])  # fmt: skip
-
-
-def _snapshot(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture()
@@ -135,13 +132,13 @@ def test_bad_input_is_one_line_and_leaves_the_run_intact(case, message, recorded
         model = tmp_path / "bert"
         model.mkdir()
         (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    before = _snapshot(recorded)
+    before = snapshot(recorded)
     capsys.readouterr()
     assert _record(model, data, recorded, *extra, max_new_tokens=max_new_tokens) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("vpstudy record: error: "), errors
     assert re.search(message, errors[0]), errors[0]
-    assert _snapshot(recorded) == before
+    assert snapshot(recorded) == before
 
 
 def test_demo_runs(tmp_path, capsys):

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import snapshot
 from vpstudy.runs import (
     SCHEMA_VERSION,
     RunStoreError,
@@ -44,15 +45,6 @@ def make_sample(sample_id: str, n_steps: int = 3, n_layers: int = 2, n_v: int = 
     }
     sample = {"sample_id": sample_id, "n_steps": n_steps, "answer": f"ans {sample_id}"}
     return sample, steps.sample(frac=1.0, random_state=0), arrays
-
-
-def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    """Bytes and mtime of every file under root."""
-    return {
-        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def sorted_steps(steps: pd.DataFrame) -> pd.DataFrame:
