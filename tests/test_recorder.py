@@ -90,6 +90,22 @@ def test_mass_max_head_mass_counts_and_running_max_follow_eager(family_run):
             np.testing.assert_array_equal(trace.active[:, :, k], counts)
 
 
+def test_budget_signal_follows_eager_at_each_temperature(family_run):
+    """softmax(log p / τ) = softmax(logits / τ), so the eager probabilities give the oracle."""
+    for b, trace in enumerate(family_run["traces"]):
+        assert trace.temperatures == [0.1, 0.4]
+        positions = trace.visual_positions
+        for k, tau in enumerate(trace.temperatures):
+            expected = np.stack([
+                np.stack([
+                    torch.softmax(layer[b, :, -1, :].double().log() / tau, dim=-1)[:, positions].sum(-1).max().item()
+                    for layer in family_run["oracle"].attentions[t]
+                ])
+                for t in range(trace.n_steps)
+            ])  # fmt: skip  [steps, layers]
+            np.testing.assert_allclose(trace.tau_max_head_mass[:, :, k], expected, atol=1e-4, rtol=0)
+
+
 def test_generation_is_unchanged_by_recording(family_run):
     assert torch.equal(family_run["recorded"], family_run["plain"])
     assert torch.equal(family_run["recorded"], family_run["oracle"].sequences)

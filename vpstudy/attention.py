@@ -7,7 +7,9 @@ flash, xformers) and never has to materialise a probability matrix.
 
 Semantics (SPEC, Definitions): softmax over *all* visible keys at temperature 1, in float32;
 ``p̄`` is the mean over query heads of those probabilities, restricted to visual keys; mass is
-``Σ p̄`` over visual keys; the max-head mass is the largest per-head visual share.
+``Σ p̄`` over visual keys; the max-head mass is the largest per-head visual share. The
+VisionPulse budget signal is the same max-head share of ``softmax(logits / τ)`` at a
+temperature τ (SPEC, VisionPulse budget), computed here for each requested τ.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ class VisualRow:
             ``valid`` is False (rows have different N_v).
         mass: ``scores.sum(-1)``, [B].
         max_head_mass: max over query heads of each head's visual share, [B].
+        tau_max_head_mass: max over heads of the visual share of ``softmax(logits / τ)``, one
+            column per requested temperature, [B, T] (T = 0 when none was requested).
     """
 
     scores: torch.Tensor
     mass: torch.Tensor
     max_head_mass: torch.Tensor
+    tau_max_head_mass: torch.Tensor
 
 
 def row_logits(query_row: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -73,6 +78,7 @@ def visual_row(
     scaling: float,
     visual_index: torch.Tensor,
     visual_valid: torch.Tensor,
+    temperatures: tuple[float, ...] = (),
 ) -> VisualRow:
     """Visual scores of the last query row of one attention call.
 
@@ -83,14 +89,24 @@ def visual_row(
         scaling: logit scale.
         visual_index: [B, N_v_max] long, key positions of visual tokens per row (padded with 0).
         visual_valid: [B, N_v_max] bool, which entries of ``visual_index`` are real.
+        temperatures: τ values at which to also return the max-head visual share.
 
     Returns:
         The :class:`VisualRow` of the last query position.
     """
     logits = row_logits(query[:, :, -1, :], key, scaling)
     mask_row = None if attention_mask is None else attention_mask[:, :, -1, :]
-    probs = torch.softmax(apply_row_mask(logits, mask_row), dim=-1)  # [B, H, T] float32
-    index = visual_index.unsqueeze(1).expand(-1, probs.shape[1], -1)
-    per_head = probs.gather(2, index) * visual_valid.unsqueeze(1)  # [B, H, N_v_max]
+    logits = apply_row_mask(logits, mask_row)
+    index = visual_index.unsqueeze(1).expand(-1, logits.shape[1], -1)
+    valid = visual_valid.unsqueeze(1)
+
+    def visual_share(temperature: float) -> torch.Tensor:  # [B, H, N_v_max]
+        probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+        return probs.gather(2, index) * valid
+
+    per_head = visual_share(1.0)
     scores = per_head.mean(dim=1)
-    return VisualRow(scores=scores, mass=scores.sum(-1), max_head_mass=per_head.sum(-1).amax(dim=1))
+    tau = [visual_share(t).sum(-1).amax(dim=1) for t in temperatures]
+    tau_mass = torch.stack(tau, dim=1) if tau else scores.new_zeros(scores.shape[0], 0)
+    return VisualRow(scores=scores, mass=scores.sum(-1), max_head_mass=per_head.sum(-1).amax(dim=1),
+                     tau_max_head_mass=tau_mass)  # fmt: skip

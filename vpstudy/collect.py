@@ -22,12 +22,13 @@ from .datasets import Example, VisionDataset
 from .loading import config_hash, family_of
 from .processing import format_prompt, prepare_batch, tokenizer_of
 from .provenance import package_versions
-from .recorder import DEFAULT_THRESHOLDS, Recorder, SampleTrace
+from .recorder import DEFAULT_TEMPERATURES, DEFAULT_THRESHOLDS, Recorder, SampleTrace
 from .runs import Run, RunWriter, open_run
 
 SCORE_DTYPE = np.float16
 # manifest keys that must match for a rerun to resume into an existing run directory
-RESUME_KEYS = ("model_config_hash", "generation", "layers", "thresholds", "seed", "score_dtype", "method")
+RESUME_KEYS = ("model_config_hash", "generation", "layers", "thresholds", "budget_temperatures", "seed",
+               "score_dtype", "method")  # fmt: skip
 
 
 @dataclass
@@ -39,6 +40,7 @@ class RecordSettings:
     max_new_tokens: int = 64
     batch_size: int = 1
     seed: int = 0  # torch seed set before decoding (decoding is greedy; kept for provenance)
+    temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES  # τ of the recorded VisionPulse budget signal
 
 
 def normalize_answer(text: str) -> str:
@@ -47,11 +49,20 @@ def normalize_answer(text: str) -> str:
     return " ".join(w for w in text.split() if w not in {"a", "an", "the"})
 
 
+def final_answer(generated: str) -> str:
+    """The final answer of a generated trace: the words after its last ``answer`` word, or the
+    whole text when it has none (a model that answers directly)."""
+    words = generated.split()
+    marks = [i for i, w in enumerate(words) if normalize_answer(w) == "answer"]
+    return " ".join(words[marks[-1] + 1 :]) if marks else generated
+
+
 def is_correct(generated: str, reference: str | None) -> bool | None:
-    """Exact match after :func:`normalize_answer`; None when the example has no reference."""
+    """Exact match of :func:`final_answer` with the reference after :func:`normalize_answer`;
+    None when the example has no reference."""
     if reference is None:
         return None
-    return normalize_answer(generated) == normalize_answer(reference)
+    return normalize_answer(final_answer(generated)) == normalize_answer(reference)
 
 
 def build_manifest(model: Any, model_path: str, dataset: VisionDataset, settings: RecordSettings,
@@ -73,6 +84,7 @@ def build_manifest(model: Any, model_path: str, dataset: VisionDataset, settings
         "batch_size": settings.batch_size,
         "layers": layers,
         "thresholds": thresholds,
+        "budget_temperatures": list(settings.temperatures),
         "attention": "head-mean softmax probabilities over all visible keys, temperature 1, float32",
         "method": None,
         "budget_rule": None,
@@ -120,6 +132,8 @@ def sample_tables(
     )
     for k, threshold in enumerate(trace.thresholds):
         steps[f"active@{threshold.label}"] = trace.active[:, :, k].reshape(-1)
+    for k, tau in enumerate(trace.temperatures):
+        steps[f"max_head_mass@tau={tau:g}"] = trace.tau_max_head_mass[:, :, k].reshape(-1)
     arrays = {"scores": trace.scores.astype(SCORE_DTYPE), "max_scores": trace.max_scores.astype(np.float32)}
     return sample, steps, arrays
 
@@ -145,7 +159,8 @@ def record_dataset(
             keeps every sample finished before the error).
     """
     spec = family_of(model)
-    recorder = Recorder(model, layers=settings.layers, thresholds=settings.thresholds)
+    recorder = Recorder(model, layers=settings.layers, thresholds=settings.thresholds,
+                        temperatures=settings.temperatures)  # fmt: skip
     thresholds = [t.label for t in recorder.thresholds]
     manifest = build_manifest(model, model_path, dataset, settings, recorder.layers, thresholds)
     writer = RunWriter(out, manifest, compare_keys=RESUME_KEYS)

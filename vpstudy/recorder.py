@@ -7,6 +7,8 @@ t (the query predicting token t), at each recorded text layer, the recorder keep
 - ``scores``: head-mean visual probabilities p̄(t, l) ∈ R^{N_v},
 - ``mass``: M(t, l) = Σ p̄, and the max-over-heads visual mass,
 - ``active``: N_act(t, l, δ) = #{i: p̄_i > δ} for each threshold δ,
+- ``tau_max_head_mass``: for each budget temperature τ (default the paper's 0.1 and 0.4), the
+  max-over-heads visual share of softmax(logits/τ), the VisionPulse budget signal,
 - ``max_scores``: the running max over steps of p̄ (its complement at δ is the never-activated
   bitmap: ``max_scores <= δ``).
 
@@ -35,6 +37,7 @@ from .families import FamilySpec, TextGeometry
 from .loading import family_of
 
 DEFAULT_THRESHOLDS: tuple[str, ...] = ("0.0005", "0.001", "0.0015", "0.002", "1/Nv", "2/Nv")
+DEFAULT_TEMPERATURES: tuple[float, ...] = (0.1, 0.4)  # VisionPulse's published τ values
 RECORD_PREFIX = "vpstudy_record_"
 
 
@@ -92,6 +95,8 @@ class SampleTrace:
     active: np.ndarray  # [S, L, K] int32
     max_scores: np.ndarray  # [L, N] float32, running max of p̄ over steps
     scores: np.ndarray | None = None  # [S, L, N] float32 (None if keep_scores=False)
+    temperatures: list[float] = field(default_factory=list)  # [T] budget temperatures τ
+    tau_max_head_mass: np.ndarray | None = None  # [S, L, T] float32
 
     @property
     def n_steps(self) -> int:
@@ -121,6 +126,7 @@ class _Generation:
     scores: list[list[torch.Tensor]] = field(default_factory=list)  # [L][step] -> [B, N_max]
     mass: list[list[torch.Tensor]] = field(default_factory=list)
     max_head_mass: list[list[torch.Tensor]] = field(default_factory=list)
+    tau_max_head_mass: list[list[torch.Tensor]] = field(default_factory=list)
     active: list[list[torch.Tensor]] = field(default_factory=list)
 
 
@@ -178,6 +184,8 @@ class Recorder:
         keep_scores: keep the full p̄ vectors per step (needed for the score arrays of a run);
             without it only masses, counts and running maxima are kept.
         eos_token_ids: ids that end a row (default: the model's generation config).
+        temperatures: τ values at which to record the max-head visual share of
+            softmax(logits/τ) (the VisionPulse budget signal); ``()`` records none.
     """
 
     def __init__(
@@ -188,6 +196,7 @@ class Recorder:
         *,
         keep_scores: bool = True,
         eos_token_ids: Sequence[int] | None = None,
+        temperatures: Iterable[float] = DEFAULT_TEMPERATURES,
     ) -> None:
         self.model = model
         self.spec: FamilySpec = family_of(model)
@@ -201,6 +210,9 @@ class Recorder:
             raise RecorderError("no layers to record")
         self.thresholds = [Threshold.parse(t) for t in thresholds]
         self.keep_scores = keep_scores
+        self.temperatures = tuple(float(t) for t in temperatures)
+        if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
+            raise RecorderError(f"temperatures {list(self.temperatures)} must be finite and > 0")
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(model)
         self._position = {layer: i for i, layer in enumerate(self.layers)}
         self._state: _Generation | None = None
@@ -285,6 +297,7 @@ class Recorder:
             scores=[[] for _ in range(n_layers)],
             mass=[[] for _ in range(n_layers)],
             max_head_mass=[[] for _ in range(n_layers)],
+            tau_max_head_mass=[[] for _ in range(n_layers)],
             active=[[] for _ in range(n_layers)],
         )
 
@@ -295,7 +308,7 @@ class Recorder:
         state, position = self._state, self._position.get(layer_idx)
         if state is None or position is None:
             return
-        row = visual_row(query, key, mask, scaling, state.visual_index, state.visual_valid)
+        row = visual_row(query, key, mask, scaling, state.visual_index, state.visual_valid, self.temperatures)
         active = (row.scores.unsqueeze(-1) > state.deltas.unsqueeze(1)).sum(dim=1, dtype=torch.int32)  # [B, K]
         alive = state.alive.unsqueeze(1)
         state.running_max[position] = torch.where(alive, torch.maximum(state.running_max[position], row.scores),
@@ -304,6 +317,7 @@ class Recorder:
             state.scores[position].append(row.scores)
         state.mass[position].append(row.mass)
         state.max_head_mass[position].append(row.max_head_mass)
+        state.tau_max_head_mass[position].append(row.tau_max_head_mass)
         state.active[position].append(active)
 
     # --- results ------------------------------------------------------------------------------
@@ -324,6 +338,7 @@ class Recorder:
             return torch.stack([torch.stack(steps) for steps in per_layer], dim=1).cpu().numpy()
 
         mass, max_head, active = stack(state.mass), stack(state.max_head_mass), stack(state.active)
+        tau_mass = stack(state.tau_max_head_mass)
         scores = stack(state.scores) if self.keep_scores else None
         running_max = state.running_max.cpu().numpy()
         index, valid = state.visual_index.cpu().numpy(), state.visual_valid.cpu().numpy()
@@ -340,6 +355,8 @@ class Recorder:
                     active=active[:n_steps, :, b].copy(),
                     max_scores=running_max[:, b, :n].copy(),
                     scores=None if scores is None else scores[:n_steps, :, b, :n].copy(),
+                    temperatures=list(self.temperatures),
+                    tau_max_head_mass=tau_mass[:n_steps, :, b].copy(),
                 )
             )
         return traces
