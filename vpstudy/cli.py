@@ -15,11 +15,12 @@ from pathlib import Path
 from .datasets import DatasetError
 from .families import UnsupportedFamilyError
 from .loading import ModelLoadError
+from .organism.model import OrganismError
 from .processing import InputError
 from .recorder import DEFAULT_THRESHOLDS, RecorderError
 from .runs import RunStoreError
 
-USER_ERRORS = (DatasetError, UnsupportedFamilyError, ModelLoadError, InputError, RecorderError, RunStoreError)
+USER_ERRORS = (OrganismError, DatasetError, UnsupportedFamilyError, ModelLoadError, InputError, RecorderError, RunStoreError)
 
 
 def _positive(text: str) -> int:
@@ -55,27 +56,50 @@ def _record(args: argparse.Namespace) -> str:
 
 
 def _demo(args: argparse.Namespace) -> str:
-    """Interim main job until the trained organism ships: record a tiny random model."""
+    """Record the shipped organism on its evaluation set (analysis, pruning and figures join it
+    as those issues land)."""
     from .collect import RecordSettings, record_dataset, summary_line
     from .datasets import load_dataset
     from .loading import load
-    from .testing import make_tiny, make_tiny_dataset
+    from .organism.shipped import eval_set_path, organism_dir
 
-    out = Path(args.out)
-    model_dir = make_tiny(args.family, out / "model", seed=0)
-    data = make_tiny_dataset(out / "data", n=args.samples, seed=0)
+    model_dir = organism_dir(args.family)
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{model_dir}: no shipped organism of family {args.family!r} (see data/README.md)")
     model, processor = load(model_dir)
+    dataset = load_dataset(eval_set_path(), limit=args.samples)
     settings = RecordSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    run = record_dataset(model, processor, load_dataset(data), out / "run", settings, model_path=str(model_dir))
+    run = record_dataset(model, processor, dataset, Path(args.out) / "run", settings, model_path=str(model_dir))
+    return summary_line(run) + f"\nrun written to {run.path} (open it with vpstudy.open_run('{run.path}'))"
+
+
+def _train_organism(args: argparse.Namespace) -> str:
+    from .organism.model import Architecture
+    from .organism.train import TrainSettings, train
+
+    settings = TrainSettings(
+        family=args.family, seed=args.seed, steps=args.steps, batch_size=args.batch_size, threads=args.threads,
+        eval_every=args.eval_every, probe_weight=args.probe_weight, lr=args.lr,
+        arch=Architecture(text_layers=args.text_layers, text_hidden=args.text_hidden),
+    )  # fmt: skip
+    manifest = train(settings, args.out, overwrite=args.overwrite)
+    val = manifest["final_validation"]
     return (
-        summary_line(run)
-        + f"\nrun written to {run.path} (open it with vpstudy.open_run('{run.path}'));"
-        + " the demo uses a tiny random model until the trained organism ships"
+        f"trained {args.family} organism ({manifest['parameters']:,} parameters, {settings.steps} steps) in "
+        f"{manifest['wall_time_s'] / 60:.1f} min; validation answer accuracy {val['answer_acc']:.3f}, "
+        f"trace accuracy {val['trace_acc']:.3f}; saved to {args.out} (log: {args.out}/train_log.csv)"
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (``vpstudy <command>: error: ...``), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vpstudy", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="vpstudy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     rec = sub.add_parser("record", help="decode a dataset and record per-step visual attention into a run")
@@ -92,12 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--device", default="cpu")
     rec.set_defaults(run=_record)
 
+    org = sub.add_parser("train-organism", help="train the model organism from scratch on CPU (see data/README.md)")
+    org.add_argument("--family", required=True, help="organism family: llava or qwen2_vl")
+    org.add_argument("--out", required=True, help="output directory (refuses one holding a different model)")
+    org.add_argument("--seed", type=int, required=True, help="seed of weights and training data (an integer)")
+    org.add_argument("--steps", type=_positive, default=6000, help="optimizer steps (default: 6000)")
+    org.add_argument("--batch-size", type=_positive, default=32)
+    org.add_argument("--threads", type=_positive, default=1,
+                     help="torch CPU threads (default: 1; part of what makes a run reproducible)")
+    org.add_argument("--eval-every", type=_positive, default=250, help="decode the validation set every N steps")
+    org.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 1e-3)")
+    org.add_argument("--probe-weight", type=float, default=1.0,
+                     help="weight of the training-only patch probe loss on the vision features (default: 1)")
+    org.add_argument("--text-layers", type=_positive, default=4)
+    org.add_argument("--text-hidden", type=_positive, default=128)
+    org.add_argument("--overwrite", action="store_true", help="replace an output directory holding another model")
+    org.set_defaults(run=_train_organism)
+
     demo = sub.add_parser("demo", help="the main job on the embedded default (see README)")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes (default: runs/demo)")
-    demo.add_argument("--family", default="qwen2_vl", help="family of the tiny model (default: qwen2_vl)")
-    demo.add_argument("--samples", type=_positive, default=16)
-    demo.add_argument("--max-new-tokens", type=_positive, default=24)
-    demo.add_argument("--batch-size", type=_positive, default=4)
+    demo.add_argument("--family", default="llava", help="which shipped organism: llava (default) or qwen2_vl")
+    demo.add_argument("--samples", type=_positive, default=128, help="evaluation examples to record (default: 128)")
+    demo.add_argument("--max-new-tokens", type=_positive, default=48)
+    demo.add_argument("--batch-size", type=_positive, default=32)
     demo.set_defaults(run=_demo)
     return parser
 

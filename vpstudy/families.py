@@ -285,3 +285,12 @@ class TextGeometry:
             num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
             head_dim=int(head_dim),
         )
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """An M-RoPE split (temporal, height, width) of ``head_dim / 2`` rotary pairs in Qwen2-VL's
+    proportions (16, 24, 24 of 64): a quarter temporal, the rest halved between height and width."""
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    return [temporal, height, half - temporal - height]

@@ -33,10 +33,15 @@ WORDS = (
 ).split()
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
-# A chat template the word-level tokenizer can split: it puts the family's image prompt where a
-# message holds {"type": "image"}, and separates words by spaces.
+def chat_template(image_prompt: str, preamble: str = "") -> str:
+    """A chat template the word-level tokenizer can split: BOS, an optional fixed ``preamble``,
+    then the turns, with ``image_prompt`` where a message holds ``{"type": "image"}`` and words
+    separated by spaces."""
+    return CHAT_TEMPLATE.replace("__PREAMBLE__", f"{preamble} " if preamble else "").replace("__IMAGE__", image_prompt)
+
+
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
+    "{{ bos_token }}__PREAMBLE__"
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
     "{% if m['content'] is string %}{{ m['content'] }} "
@@ -67,7 +72,7 @@ def make_tokenizer(spec: FamilySpec, extra_words: list[str] | None = None) -> An
         tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
     tokenizer.padding_side = "left"
-    tokenizer.chat_template = CHAT_TEMPLATE.replace("__IMAGE__", spec.image_prompt)
+    tokenizer.chat_template = chat_template(spec.image_prompt)
     return tokenizer
 
 

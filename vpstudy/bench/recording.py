@@ -66,6 +66,7 @@ import torch
 from PIL import Image
 
 import vpstudy
+from vpstudy.families import mrope_section
 from vpstudy.processing import format_prompt, prepare_batch
 from vpstudy.provenance import package_versions
 from vpstudy.recorder import Recorder
@@ -95,11 +96,7 @@ class Geometry:
 
     @property
     def mrope_section(self) -> list[int]:
-        """Temporal/height/width split of the head_dim/2 rotary frequencies, 1 : 1.5 : 1.5 as in Qwen2-VL."""
-        half = self.head_dim // 2
-        temporal = half // 4
-        height = (half - temporal) // 2
-        return [temporal, height, half - temporal - height]
+        return mrope_section(self.head_dim)
 
     def text_overrides(self) -> dict[str, Any]:
         return dict(

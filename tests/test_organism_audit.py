@@ -1,0 +1,102 @@
+"""The organism audit on a run with planted attention: it must find exactly what was planted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import vpstudy
+from vpstudy.collect import sample_tables
+from vpstudy.datasets import load_dataset
+from vpstudy.organism.audit import anchor_layer, audit_run, on_path_steps
+from vpstudy.organism.model import build_parts
+from vpstudy.organism.shipped import write_eval_set
+from vpstudy.organism.tasks import CELL_NAMES, cell_index, token_cells_to_visual
+from vpstudy.recorder import SampleTrace, Threshold
+from vpstudy.runs import RunWriter
+
+N_V, LAYERS = 64, [0, 1, 2, 3]
+
+
+def test_anchor_layer_is_at_the_papers_relative_depth():
+    assert anchor_layer(36) == 17
+    assert anchor_layer(4) == 2
+
+
+def test_on_path_steps_stop_after_the_first_divergence():
+    rows = on_path_steps(["red", ":", "b2", "c1"], ["red", ":", "b2", "d1", ";"], [[], [], ["b2"], ["d1"], []],
+                         [False, False, True, True, True], "s")  # fmt: skip
+    assert [r.step for r in rows] == [0, 1, 2, 3]  # step 3 was on the path (and got it wrong)
+    assert rows[2].visual_tokens == token_cells_to_visual([cell_index("b2")]) and rows[3].reads_image
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A run over 8 evaluation examples whose traces are generated exactly, with planted scores."""
+    root = tmp_path_factory.mktemp("audit")
+    dataset = load_dataset(write_eval_set(root / "data", n=8, seed=3))
+    tokenizer = build_parts("llava").tokenizer
+    rng = np.random.default_rng(0)
+    writer = RunWriter(root / "run", {"kind": "record", "layers": LAYERS})
+    truth = {"hits": [], "listing": [], "read": [], "text": [], "signal": [], "is_read": []}
+    for example in dataset:
+        words = example.extra["trace"].split() + ["</s>"]
+        cells = example.extra["token_cells"] + [[]]
+        reads = example.extra["token_reads_image"] + [False]
+        steps = len(words)
+        scores = np.full((steps, len(LAYERS), N_V), 0.001, dtype=np.float32)
+        for t in range(steps):
+            referred = token_cells_to_visual([cell_index(c) for c in cells[t]])
+            mass = rng.uniform(0.4, 0.8) if reads[t] else rng.uniform(0.31, 0.5)
+            (truth["read"] if reads[t] else truth["text"]).append(mass)
+            outside = [i for i in range(N_V) if i not in referred]
+            hit = bool(referred) and rng.random() < 0.7
+            peak = int(rng.choice(referred)) if hit else int(rng.choice(outside))
+            if referred:
+                truth["hits"].append(hit)
+                truth["listing"].append(words[t] in CELL_NAMES)
+            scores[t, 1] = (mass - 0.3) / (N_V - 1)
+            scores[t, 1, peak] = 0.3  # layer 1 holds the plant; the other layers are flat
+        signal = rng.uniform(0.0, 0.12, size=(steps, len(LAYERS), 2)).astype(np.float32)
+        truth["signal"] += signal[:, anchor_layer(len(LAYERS)), 0].tolist()
+        truth["is_read"] += reads
+        trace = SampleTrace(
+            layers=LAYERS, thresholds=[Threshold(0.001)], visual_positions=np.arange(N_V),
+            mass=scores.sum(-1), max_head_mass=scores.sum(-1), active=(scores > 0.001).sum(-1, keepdims=True),
+            max_scores=scores.max(0), scores=scores, temperatures=[0.1, 0.4], tau_max_head_mass=signal,
+        )  # fmt: skip
+        ids = tokenizer.convert_tokens_to_ids(words)
+        writer.write_sample(*sample_tables(example, dataset.name, trace, ids, tokenizer, [8, 8]))
+    return audit_run(vpstudy.open_run(root / "run"), dataset), truth
+
+
+def test_audit_finds_the_planted_localization_and_mass_contrast(planted):
+    result, truth = planted
+    assert result["answer_acc"] == 1.0 and result["trace_exact"] == 1.0 and result["trace_token_acc"] == 1.0
+    layer = next(r for r in result["per_layer"] if r["layer"] == 1)
+    assert result["best_layer"] == 1
+    assert layer["localization"] == pytest.approx(np.mean(truth["hits"]))
+    assert layer["localization_steps"] == len(truth["hits"])
+    hits, listing = np.array(truth["hits"]), np.array(truth["listing"])
+    assert 0 < listing.sum() < len(listing)
+    assert layer["localization_listing"] == pytest.approx(hits[listing].mean())
+    assert layer["localization_content"] == pytest.approx(hits[~listing].mean())
+    read, text = np.array(truth["read"]), np.array(truth["text"])
+    assert layer["mass_image_reading"] == pytest.approx(read.mean(), abs=1e-3)  # float16 scores, float32 mass
+    assert layer["mass_ratio"] == pytest.approx(read.mean() / text.mean(), rel=1e-3)
+    pairwise = (read[:, None] > text[None, :]).mean() + 0.5 * (read[:, None] == text[None, :]).mean()
+    assert layer["mass_auc"] == pytest.approx(pairwise, abs=1e-9)
+    flat = next(r for r in result["per_layer"] if r["layer"] == 0)
+    assert flat["chance"] == pytest.approx(4 / N_V)  # one cell = 2×2 of 64 visual tokens
+
+
+def test_audit_counts_budget_signals_below_the_upper_clamp(planted):
+    result, truth = planted
+    signal, is_read = np.array(truth["signal"]), np.array(truth["is_read"])
+    budget = result["budget"][0]
+    assert (budget["tau"], budget["b_max"], budget["anchor_layer"]) == (0.1, 0.05, 2)
+    assert budget["below_upper_clamp"] == pytest.approx((signal < 0.05).mean(), abs=1e-6)
+    assert budget["below_upper_clamp_image_reading"] == pytest.approx((signal[is_read] < 0.05).mean(), abs=1e-6)
+    assert json.dumps(result)  # serialisable as evaluation.json

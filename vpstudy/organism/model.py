@@ -1,0 +1,134 @@
+"""The organism's architecture: a tiny VLM of a real transformers family, built from config.
+
+Two families are supported (:data:`ORGANISM_FAMILIES`):
+
+- ``llava``: CLIP vision tower (width 64, 2 layers, 8-px patches on 64×64 images → 64 visual
+  tokens after dropping CLS) + Llama text model;
+- ``qwen2_vl``: Qwen2-VL vision tower (width 64, 2 layers, 8-px patches, 2-D RoPE inside the
+  tower) + Qwen2 text model with M-RoPE. ``spatial_merge_size`` is 1, not the released models' 2:
+  the same 64 visual tokens from 4-px patches merged 2×2 cost a third more CPU time per training
+  step (a 256-patch vision tower), which the 60-minute training budget cannot spare.
+
+In both, each 16-px grid cell covers 2×2 visual tokens, and visual tokens are in row-major order
+over an 8×8 token grid (:func:`vpstudy.organism.tasks.token_cells_to_visual`).
+
+The tokenizer is word-level over the task vocabulary (:func:`vpstudy.organism.tasks.vocabulary`)
+with a chat template that puts a short fixed preamble before the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..families import get_family, mrope_section
+from ..processing import FallbackProcessor
+from ..testing import _text_config, chat_template, make_tokenizer
+from .tasks import IMAGE_PX, vocabulary
+
+ORGANISM_FAMILIES = ("llava", "qwen2_vl")
+# the module whose output holds one feature per visual token (in the text model's width), in
+# row-major order over the 8×8 token grid: what the training-only patch probe reads
+VISUAL_FEATURES = {"llava": "model.multi_modal_projector", "qwen2_vl": "model.visual.merger"}
+PREAMBLE = "you see a grid of objects"
+
+class OrganismError(ValueError):
+    """Bad organism settings or output directory (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Sizes of an organism. Text: Llama (llava) or Qwen2 with M-RoPE (qwen2_vl)."""
+
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_intermediate: int = 384
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden: int = 64
+    vision_layers: int = 2
+
+
+@dataclass
+class Parts:
+    """What an organism is built from: config, tokenizer, image processor and the processor
+    :func:`vpstudy.load` will return for it (``save_processor`` is saved too where it exists)."""
+
+    config: Any
+    tokenizer: Any
+    image_processor: Any
+    processor: Any
+    save_processor: Callable[[], Any] | None
+
+
+def _tokenizer(family: str) -> Any:
+    tokenizer = make_tokenizer(get_family(family), vocabulary())
+    tokenizer.chat_template = chat_template(get_family(family).image_prompt, PREAMBLE)
+    return tokenizer
+
+
+def _text(tokenizer: Any, arch: Architecture, **extra: Any) -> dict[str, Any]:
+    return _text_config(
+        len(tokenizer), extra, hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
+        num_hidden_layers=arch.text_layers, num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
+        max_position_embeddings=512,
+    )  # fmt: skip
+
+
+def build_parts(family: str, arch: Architecture | None = None) -> Parts:
+    """Config, tokenizer and processors of an untrained organism of ``family``."""
+    arch = arch or Architecture()
+    if family not in ORGANISM_FAMILIES:
+        raise OrganismError(f"no organism for family {family!r}; choose one of {', '.join(ORGANISM_FAMILIES)}")
+    tokenizer = _tokenizer(family)
+    spec = get_family(family)
+    if family == "llava":
+        from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+
+        patch = 8
+        vision = CLIPVisionConfig(
+            hidden_size=arch.vision_hidden, intermediate_size=2 * arch.vision_hidden,
+            num_hidden_layers=arch.vision_layers, num_attention_heads=4, image_size=IMAGE_PX, patch_size=patch,
+        )  # fmt: skip
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=LlamaConfig(**_text(tokenizer, arch)),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-1,  # the default -2 would skip one of only two CLIP layers
+            image_seq_length=(IMAGE_PX // patch) ** 2,
+        )
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": IMAGE_PX}, crop_size={"height": IMAGE_PX, "width": IMAGE_PX}
+        )
+
+        def save_processor() -> Any:
+            return LlavaProcessor(
+                image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                chat_template=tokenizer.chat_template,
+            )  # fmt: skip
+
+        return Parts(config, tokenizer, image_processor, save_processor(), save_processor)
+
+    from transformers import Qwen2VLConfig, Qwen2VLImageProcessorPil
+
+    section = mrope_section(arch.text_hidden // arch.heads)
+    rope = {"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0}
+    config = Qwen2VLConfig(
+        text_config=_text(tokenizer, arch, rope_parameters=rope),
+        vision_config=dict(
+            depth=arch.vision_layers, embed_dim=arch.vision_hidden, hidden_size=arch.text_hidden, num_heads=4,
+            mlp_ratio=2, patch_size=8, spatial_merge_size=1, temporal_patch_size=2,
+        ),  # fmt: skip
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=IMAGE_PX * IMAGE_PX, max_pixels=IMAGE_PX * IMAGE_PX, patch_size=8, merge_size=1
+    )
+    processor = FallbackProcessor(spec, tokenizer, image_processor, config)
+    return Parts(config, tokenizer, image_processor, processor, None)
