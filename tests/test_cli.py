@@ -142,7 +142,7 @@ def test_bad_input_is_one_line_and_leaves_the_run_intact(case, message, recorded
 
 
 def test_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--samples", "3", "--max-new-tokens", "4"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--samples", "3"]) == 0
     out = capsys.readouterr().out
     assert "3 samples" in out and "run written to" in out
     assert len(vpstudy.open_run(tmp_path / "demo" / "run").samples) == 3

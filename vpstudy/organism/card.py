@@ -34,7 +34,8 @@ def _organism(family: str, root: Path) -> list[str]:
         f"### `organism-{family}`",
         "",
         f"- Made by `{trained['command']}` in {trained['wall_time_s'] / 60:.1f} min on "
-        f"{trained['machine']['cpu_count']} CPU cores ({trained['machine']['threads']} torch threads), "
+        f"{trained['machine']['cpu_count']} CPU cores ({trained['machine']['threads']} torch "
+        f"thread{'s' if trained['machine']['threads'] != 1 else ''}), "
         f"{s['steps']} steps of batch {s['batch_size']}; {trained['parameters']:,} parameters, "
         f"{_size_mb(folder):.1f} MB on disk.",
         f"- Text model: {arch['text_layers']} layers, width {arch['text_hidden']}, {arch['heads']} query / "
