@@ -1,0 +1,133 @@
+"""Statistics of recorded runs, as plain functions on arrays (SPEC, Definitions).
+
+This module holds the estimators; turning a run into tables, the CLI (``vpstudy analyze``) and
+the figures build on it. Every function states the shapes it takes. Conventions:
+
+- a *trace* is one sample's recorded steps; steps within a trace are dependent, so uncertainty
+  over traces resamples whole traces (:func:`cluster_bootstrap_ci`), never single steps;
+- correlations of constant inputs are undefined and returned as NaN (as the paper's code
+  returns None), never as 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson r of two equal-length 1-D arrays; NaN if either is constant or shorter than 2."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"pearson needs two 1-D arrays of one length, got {x.shape} and {y.shape}")
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    dx, dy = x - x.mean(), y - y.mean()
+    return float(np.clip((dx @ dy) / np.sqrt((dx @ dx) * (dy @ dy)), -1.0, 1.0))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman ρ: Pearson r of the average ranks (ties share their mean rank)."""
+    return pearson(sps.rankdata(x), sps.rankdata(y))
+
+
+def cluster_bootstrap_ci(
+    xs: Sequence[np.ndarray],
+    ys: Sequence[np.ndarray],
+    statistic: Callable[[np.ndarray, np.ndarray], float] = pearson,
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """A statistic of the pooled steps, with a percentile bootstrap interval over traces.
+
+    Args:
+        xs, ys: one pair of equal-length 1-D arrays per trace (e.g. mass and active count per step).
+        statistic: computed on the concatenation of the chosen traces.
+        n_boot: bootstrap replicates; each draws ``len(xs)`` traces with replacement.
+        level: coverage of the interval.
+        seed: seed of the resampling.
+
+    Returns:
+        ``(estimate, low, high)``; replicates where the statistic is NaN are dropped, and the
+        interval is NaN if fewer than half of them remain.
+    """
+    if len(xs) != len(ys) or not xs:
+        raise ValueError(f"need the same number (> 0) of x and y traces, got {len(xs)} and {len(ys)}")
+    estimate = statistic(np.concatenate(xs), np.concatenate(ys))
+    rng = np.random.default_rng(seed)
+    replicates = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(xs), size=len(xs))
+        replicates.append(statistic(np.concatenate([xs[i] for i in pick]), np.concatenate([ys[i] for i in pick])))
+    values = np.asarray(replicates)
+    values = values[~np.isnan(values)]
+    if len(values) < n_boot / 2:
+        return estimate, float("nan"), float("nan")
+    tail = (1 - level) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return estimate, float(low), float(high)
+
+
+def never_activated_ratio(max_scores: np.ndarray, delta: float) -> np.ndarray:
+    """Share of visual tokens whose p̄ never exceeded ``delta`` over a trace.
+
+    Args:
+        max_scores: [L, N] running maximum over steps of p̄ per layer (a run's ``max_scores``).
+        delta: the activity threshold δ (a token is active at a step when p̄ > δ, strictly).
+
+    Returns:
+        [L] float64 ratios in [0, 1].
+    """
+    return (np.asarray(max_scores) <= delta).mean(axis=-1)
+
+
+def top_k_sets(scores: np.ndarray, k: int) -> list[frozenset[int]]:
+    """Indices of the ``k`` largest entries of each row of ``scores`` [S, N] (ties: lower index)."""
+    if not 1 <= k <= scores.shape[-1]:
+        raise ValueError(f"k must be in 1..{scores.shape[-1]}, got {k}")
+    order = np.argsort(-np.asarray(scores), axis=-1, kind="stable")[:, :k]
+    return [frozenset(row.tolist()) for row in order]
+
+
+def jaccard(a: frozenset[int], b: frozenset[int]) -> float:
+    """|a ∩ b| / |a ∪ b| (1 for two empty sets)."""
+    union = len(a | b)
+    return 1.0 if union == 0 else len(a & b) / union
+
+
+def step_dependence(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Jaccard overlap of the top-k visual sets of one trace at one layer.
+
+    Args:
+        scores: [S, N] p̄ per step.
+        k: size of the top set.
+
+    Returns:
+        ``(consecutive, against_first)``, each [S - 1]: J(t-1, t) and J(0, t) for t = 1..S-1.
+    """
+    sets = top_k_sets(scores, k)
+    consecutive = np.array([jaccard(sets[t - 1], sets[t]) for t in range(1, len(sets))])
+    against_first = np.array([jaccard(sets[0], sets[t]) for t in range(1, len(sets))])
+    return consecutive, against_first
+
+
+def layer_cosine(scores: np.ndarray) -> np.ndarray:
+    """Layer-to-layer cosine similarity of p̄, averaged over the steps of one trace.
+
+    As the paper's code: each layer's vector is divided by its L2 norm (+1e-8), the Gram matrix
+    is clipped to [-1, 1], and the per-step matrices are averaged.
+
+    Args:
+        scores: [S, L, N] p̄ per step and layer.
+
+    Returns:
+        [L, L] float64.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    unit = scores / (np.linalg.norm(scores, axis=-1, keepdims=True) + 1e-8)
+    gram = np.einsum("sln,smn->slm", unit, unit)
+    return np.clip(gram, -1.0, 1.0).mean(axis=0)
