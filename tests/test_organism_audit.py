@@ -83,6 +83,7 @@ def test_audit_finds_the_planted_localization_and_mass_contrast(planted):
     assert 0 < listing.sum() < len(listing)
     assert layer["localization_listing"] == pytest.approx(hits[listing].mean())
     assert layer["localization_content"] == pytest.approx(hits[~listing].mean())
+    assert layer["localization_listing"] <= layer["listing_on_same_colour"] <= 1
     read, text = np.array(truth["read"]), np.array(truth["text"])
     assert layer["mass_image_reading"] == pytest.approx(read.mean(), abs=1e-3)  # float16 scores, float32 mass
     assert layer["mass_ratio"] == pytest.approx(read.mean() / text.mean(), rel=1e-3)

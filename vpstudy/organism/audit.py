@@ -11,6 +11,7 @@
     those cells, against the chance rate (referred tokens / N_v, averaged over the same steps);
     also split by step kind: *listing* steps (the token is a cell name: where the next object of
     a colour is) and *content* steps (the token is a colour, shape or ``empty`` read off a cell);
+    and, for listing steps, how often the top token lies on *any* object of the listed colour;
   - referred share: the share of the step's visual mass that falls on the referred cells;
   - mass contrast: mean visual mass on image-reading vs. text-only steps, their ratio, and the
     AUC of mass for telling them apart (Mann–Whitney U / (n₁n₂), scipy);
@@ -24,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +53,26 @@ class StepRow:
     reads_image: bool
     visual_tokens: list[int]  # referred visual-token indices (empty: no single cell)
     listing: bool = False  # the token names a cell (listing where objects are), not a cell's content
+    same_colour_tokens: list[int] = field(default_factory=list)  # listing steps: every object of that colour
 
 
 def on_path_steps(generated: Sequence[str], reference: Sequence[str], cells: Sequence[Sequence[str]],
-                  reads: Sequence[bool], sample: str) -> list[StepRow]:  # fmt: skip
-    """Steps whose generated prefix equals the reference prefix (including the EOS step)."""
+                  reads: Sequence[bool], sample: str, scene: Sequence[dict[str, str]] = ()) -> list[StepRow]:  # fmt: skip
+    """Steps whose generated prefix equals the reference prefix (including the EOS step).
+
+    ``scene`` (the example's objects) gives listing steps the tokens of every object of the
+    listed object's colour."""
+    colour_of = {o["cell"]: o["colour"] for o in scene}
     ref = list(reference) + ["</s>"]
     cells = list(cells) + [[]]
     reads = list(reads) + [False]
     rows = []
     for t in range(min(len(generated), len(ref))):
         visual = token_cells_to_visual([cell_index(c) for c in cells[t]])
-        rows.append(StepRow(sample, t, bool(reads[t]), visual, listing=ref[t] in CELL_NAMES))
+        listing = ref[t] in CELL_NAMES
+        colour = colour_of.get(ref[t]) if listing else None
+        same = [cell_index(c) for c, k in colour_of.items() if colour is not None and k == colour]
+        rows.append(StepRow(sample, t, bool(reads[t]), visual, listing, token_cells_to_visual(same)))
         if generated[t] != ref[t]:
             break
     return rows
@@ -104,14 +113,15 @@ def audit_run(run: Run, dataset: VisionDataset) -> dict[str, Any]:
         token_hits += sum(g == r for g, r in zip(padded, reference + ["</s>"], strict=False))
         token_total += len(reference) + 1
         per_type.setdefault(ex.extra["qtype"], []).append(bool(sample["correct"]))
-        rows += on_path_steps(generated, reference, ex.extra["token_cells"], ex.extra["token_reads_image"], sample_id)
+        rows += on_path_steps(generated, reference, ex.extra["token_cells"], ex.extra["token_reads_image"], sample_id,
+                              ex.extra.get("scene", ()))  # fmt: skip
 
     per_layer = []
     scores = {sid: run.scores(sid).astype(np.float32) for sid in samples.index}  # [S, L, N]
     indexed = steps.set_index(["sample_id", "step", "layer"]).sort_index()
     for position, layer in enumerate(layers):
         hits, chance, share, read_mass, text_mass = [], [], [], [], []
-        by_kind: dict[str, list[bool]] = {"listing": [], "content": []}
+        by_kind: dict[str, list[bool]] = {"listing": [], "content": [], "same_colour": []}
         for row in rows:
             p = scores[row.sample][row.step, position]
             mass = float(indexed.loc[(row.sample, row.step, layer), "mass"])
@@ -119,6 +129,8 @@ def audit_run(run: Run, dataset: VisionDataset) -> dict[str, Any]:
             if row.visual_tokens:
                 hits.append(int(np.argmax(p)) in row.visual_tokens)
                 by_kind["listing" if row.listing else "content"].append(hits[-1])
+                if row.listing:
+                    by_kind["same_colour"].append(int(np.argmax(p)) in row.same_colour_tokens)
                 chance.append(len(row.visual_tokens) / len(p))
                 share.append(float(p[row.visual_tokens].sum() / max(p.sum(), 1e-12)))
         read, text = np.array(read_mass), np.array(text_mass)
@@ -128,6 +140,7 @@ def audit_run(run: Run, dataset: VisionDataset) -> dict[str, Any]:
             "localization_steps": len(hits),
             "localization_listing": float(np.mean(by_kind["listing"])),
             "localization_content": float(np.mean(by_kind["content"])),
+            "listing_on_same_colour": float(np.mean(by_kind["same_colour"])),
             "listing_steps": len(by_kind["listing"]),
             "content_steps": len(by_kind["content"]),
             "chance": float(np.mean(chance)),

@@ -47,7 +47,8 @@ def _organism(family: str, root: Path) -> list[str]:
         f"- Localization at the best text layer ({best['layer']}): the top-attended visual token lies in the "
         f"referred cells on **{best['localization']:.3f}** of {best['localization_steps']} image-reading steps "
         f"with a referred cell, against a chance rate of {best['chance']:.3f} (referred tokens / N_v; target ≥ 0.70). "
-        f"Listing steps ({best['listing_steps']}): {best['localization_listing']:.3f}; content steps "
+        f"Listing steps ({best['listing_steps']}): {best['localization_listing']:.3f} (top token on any object of "
+        f"the listed colour: {best['listing_on_same_colour']:.3f}); content steps "
         f"({best['content_steps']}): {best['localization_content']:.3f}. Best layer for content steps: "
         f"{max(audit['per_layer'], key=lambda r: r['localization_content'])['layer']} "
         f"({max(r['localization_content'] for r in audit['per_layer']):.3f}).",
