@@ -72,6 +72,50 @@ def cluster_bootstrap_ci(
     return estimate, float(low), float(high)
 
 
+def permutation_pvalue(
+    xs: Sequence[np.ndarray],
+    ys: Sequence[np.ndarray],
+    statistic: Callable[[np.ndarray, np.ndarray], float] = pearson,
+    *,
+    n_perm: int = 2000,
+    seed: int = 0,
+) -> float:
+    """Two-sided permutation p-value of a pooled statistic, respecting the dependence in traces.
+
+    Each permutation rebuilds every trace's y from a *random other trace's mean* plus its own
+    deviations from its mean, *circularly shifted* by a random offset. This breaks the coupling
+    of x and y both between traces (the trace means are permuted) and within traces (the
+    deviations are shifted), while keeping each y-trace's autocorrelation, so steps that depend
+    on each other do not pass for independent evidence. Shuffling single steps instead would
+    make the null far too narrow (see tests/stats).
+
+    Args:
+        xs, ys: one pair of equal-length 1-D arrays per trace.
+        statistic: computed on the pooled steps; the p-value compares its absolute value.
+        n_perm: permutations.
+        seed: seed of the permutations.
+
+    Returns:
+        ``(1 + #{|T_perm| >= |T_obs|}) / (1 + n_perm)``; NaN if the observed statistic is NaN.
+    """
+    if len(xs) != len(ys) or not xs:
+        raise ValueError(f"need the same number (> 0) of x and y traces, got {len(xs)} and {len(ys)}")
+    x = np.concatenate(xs)
+    observed = statistic(x, np.concatenate(ys))
+    if np.isnan(observed):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.array([np.mean(y) for y in ys])
+    deviations = [np.asarray(y, dtype=np.float64) - m for y, m in zip(ys, means, strict=True)]
+    exceed = 0
+    for _ in range(n_perm):
+        order = rng.permutation(len(ys))
+        y = np.concatenate([means[order[i]] + np.roll(d, int(rng.integers(len(d)))) for i, d in enumerate(deviations)])
+        value = statistic(x, y)
+        exceed += bool(np.isnan(value) or abs(value) >= abs(observed) - 1e-12)
+    return (1 + exceed) / (1 + n_perm)
+
+
 def never_activated_ratio(max_scores: np.ndarray, delta: float) -> np.ndarray:
     """Share of visual tokens whose p̄ never exceeded ``delta`` over a trace.
 
