@@ -33,6 +33,32 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return pearson(sps.rankdata(x), sps.rankdata(y))
 
 
+def auc(values: np.ndarray, labels: np.ndarray) -> float:
+    """Probability that a positive step's value exceeds a negative one's (ties count half):
+    the Mann–Whitney U of the positives divided by n₊·n₋. NaN when a class is empty.
+
+    Args:
+        values: [S] e.g. visual mass per step.
+        labels: [S] bool, e.g. whether the step reads the image.
+    """
+    values, labels = np.asarray(values, dtype=np.float64), np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = sps.rankdata(values)
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def mean_ratio(values: np.ndarray, labels: np.ndarray) -> float:
+    """Mean of ``values`` where ``labels`` is True over the mean where it is False (NaN if
+    either class is empty or the denominator is 0)."""
+    values, labels = np.asarray(values, dtype=np.float64), np.asarray(labels, dtype=bool)
+    if labels.all() or not labels.any() or values[~labels].mean() == 0:
+        return float("nan")
+    return float(values[labels].mean() / values[~labels].mean())
+
+
 def cluster_bootstrap_ci(
     xs: Sequence[np.ndarray],
     ys: Sequence[np.ndarray],

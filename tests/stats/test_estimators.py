@@ -21,6 +21,17 @@ def test_pearson_and_spearman_match_scipy_including_ties():
         assert stats.spearman(x, y_ties) == pytest.approx(sps.spearmanr(x, y_ties).statistic, abs=1e-12)
 
 
+def test_auc_and_mean_ratio_match_scipy_and_numpy():
+    rng = np.random.default_rng(4)
+    values = np.round(rng.normal(size=300), 1)  # rounded: ties
+    labels = rng.random(300) < 0.3
+    u = sps.mannwhitneyu(values[labels], values[~labels], alternative="two-sided").statistic
+    assert stats.auc(values, labels) == pytest.approx(u / (labels.sum() * (~labels).sum()), abs=1e-12)
+    assert stats.auc(np.array([3.0, 1.0, 2.0]), np.array([True, False, False])) == 1.0
+    assert stats.mean_ratio(values + 5, labels) == pytest.approx((values[labels] + 5).mean() / (values[~labels] + 5).mean())
+    assert np.isnan(stats.auc(values, np.ones(300, dtype=bool)))
+
+
 def test_correlation_of_a_constant_is_nan_not_zero():
     assert np.isnan(stats.pearson(np.ones(5), np.arange(5.0)))
     assert np.isnan(stats.spearman(np.arange(5.0), np.full(5, 3.0)))

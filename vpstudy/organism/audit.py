@@ -34,6 +34,7 @@ import numpy as np
 from ..collect import RecordSettings, record_dataset
 from ..datasets import VisionDataset, load_dataset
 from ..runs import Run
+from ..stats import auc, mean_ratio
 from .tasks import CELL_NAMES, cell_index, token_cells_to_visual
 
 PAPER_SETTINGS = ({"tau": 0.1, "b_min": 0.01, "b_max": 0.05}, {"tau": 0.4, "b_min": 0.05, "b_max": 0.10})
@@ -76,15 +77,6 @@ def on_path_steps(generated: Sequence[str], reference: Sequence[str], cells: Seq
         if generated[t] != ref[t]:
             break
     return rows
-
-
-def _auc(positive: np.ndarray, negative: np.ndarray) -> float:
-    from scipy.stats import mannwhitneyu
-
-    if len(positive) == 0 or len(negative) == 0:
-        return float("nan")
-    u = mannwhitneyu(positive, negative, alternative="two-sided").statistic
-    return float(u / (len(positive) * len(negative)))
 
 
 def audit_run(run: Run, dataset: VisionDataset) -> dict[str, Any]:
@@ -134,6 +126,7 @@ def audit_run(run: Run, dataset: VisionDataset) -> dict[str, Any]:
                 chance.append(len(row.visual_tokens) / len(p))
                 share.append(float(p[row.visual_tokens].sum() / max(p.sum(), 1e-12)))
         read, text = np.array(read_mass), np.array(text_mass)
+        labels = np.r_[np.ones(len(read), dtype=bool), np.zeros(len(text), dtype=bool)]
         per_layer.append({
             "layer": layer,
             "localization": float(np.mean(hits)),
@@ -148,8 +141,8 @@ def audit_run(run: Run, dataset: VisionDataset) -> dict[str, Any]:
             "referred_area": float(np.mean(chance)),
             "mass_image_reading": float(read.mean()),
             "mass_text_only": float(text.mean()),
-            "mass_ratio": float(read.mean() / text.mean()),
-            "mass_auc": _auc(read, text),
+            "mass_ratio": mean_ratio(np.concatenate([read, text]), labels),
+            "mass_auc": auc(np.concatenate([read, text]), labels),
             "image_reading_steps": len(read),
             "text_only_steps": len(text),
         })  # fmt: skip
