@@ -59,6 +59,11 @@ def mean_ratio(values: np.ndarray, labels: np.ndarray) -> float:
     return float(values[labels].mean() / values[~labels].mean())
 
 
+def _check_traces(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> None:
+    if len(xs) != len(ys) or not xs:
+        raise ValueError(f"need the same number (> 0) of x and y traces, got {len(xs)} and {len(ys)}")
+
+
 def cluster_bootstrap_ci(
     xs: Sequence[np.ndarray],
     ys: Sequence[np.ndarray],
@@ -81,8 +86,7 @@ def cluster_bootstrap_ci(
         ``(estimate, low, high)``; replicates where the statistic is NaN are dropped, and the
         interval is NaN if fewer than half of them remain.
     """
-    if len(xs) != len(ys) or not xs:
-        raise ValueError(f"need the same number (> 0) of x and y traces, got {len(xs)} and {len(ys)}")
+    _check_traces(xs, ys)
     estimate = statistic(np.concatenate(xs), np.concatenate(ys))
     rng = np.random.default_rng(seed)
     replicates = []
@@ -124,8 +128,7 @@ def permutation_pvalue(
     Returns:
         ``(1 + #{|T_perm| >= |T_obs|}) / (1 + n_perm)``; NaN if the observed statistic is NaN.
     """
-    if len(xs) != len(ys) or not xs:
-        raise ValueError(f"need the same number (> 0) of x and y traces, got {len(xs)} and {len(ys)}")
+    _check_traces(xs, ys)
     x = np.concatenate(xs)
     observed = statistic(x, np.concatenate(ys))
     if np.isnan(observed):
