@@ -68,12 +68,11 @@ def test_shipped_training_log_starts_as_this_code_trains(family):
     losses (same code, seed and thread count; a different CPU may change the last digits)."""
     import csv
 
-    from vpstudy.organism.model import Architecture
     from vpstudy.organism.train import TrainSettings, training_curve
 
     manifest = json.loads((organism_dir(family) / "organism.json").read_text())
-    fields = dict(manifest["settings"])
-    settings = TrainSettings(**{**fields, "qtypes": tuple(fields["qtypes"]), "arch": Architecture(**fields["arch"])})
+    settings = TrainSettings.from_json(manifest["settings"])
+    assert settings.to_json() == manifest["settings"]
     with (organism_dir(family) / "train_log.csv").open() as handle:
         logged = [float(row["loss"]) for row, _ in zip(csv.DictReader(handle), range(5), strict=False)]
     assert training_curve(settings, 5) == pytest.approx(logged, rel=1e-3)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ def on_path_steps(generated: Sequence[str], reference: Sequence[str], cells: Seq
 
 def audit_run(run: Run, dataset: VisionDataset) -> dict[str, Any]:
     """The measurements described in the module docstring, from a recorded run of the set."""
+    import pandas as pd
     from scipy.stats import binomtest
 
     examples = {ex.id: ex for ex in dataset}
@@ -88,6 +90,8 @@ def audit_run(run: Run, dataset: VisionDataset) -> dict[str, Any]:
     steps = run.steps
     layers = sorted(steps["layer"].unique().tolist())
     tau_columns = [f"max_head_mass@tau={s['tau']:g}" for s in PAPER_SETTINGS]
+    tokens = steps[steps["layer"] == layers[0]].sort_values(["sample_id", "step"]).groupby("sample_id")["token_text"]
+    generated_by_sample = tokens.agg(list)
 
     correct = samples["correct"].astype(bool)
     n = len(samples)
@@ -98,8 +102,7 @@ def audit_run(run: Run, dataset: VisionDataset) -> dict[str, Any]:
     for sample_id, sample in samples.iterrows():
         ex = examples[sample_id]
         reference = ex.extra["trace"].split()
-        generated = steps.loc[(steps["sample_id"] == sample_id) & (steps["layer"] == layers[0])]
-        generated = generated.sort_values("step")["token_text"].tolist()
+        generated = generated_by_sample[sample_id]
         trace_exact += generated == reference + ["</s>"]
         padded = generated + [None] * max(0, len(reference) + 1 - len(generated))
         token_hits += sum(g == r for g, r in zip(padded, reference + ["</s>"], strict=False))
@@ -108,25 +111,27 @@ def audit_run(run: Run, dataset: VisionDataset) -> dict[str, Any]:
         rows += on_path_steps(generated, reference, ex.extra["token_cells"], ex.extra["token_reads_image"], sample_id,
                               ex.extra.get("scene", ()))  # fmt: skip
 
-    per_layer = []
+    # the on-path steps' rows of the steps table, per layer, in the order of ``rows``
+    keys = pd.MultiIndex.from_tuples([(row.sample, row.step) for row in rows], names=["sample_id", "step"])
+    by_layer = {layer: table.set_index(["sample_id", "step"]).reindex(keys) for layer, table in steps.groupby("layer")}
+    reads = np.array([row.reads_image for row in rows], dtype=bool)
     scores = {sid: run.scores(sid).astype(np.float32) for sid in samples.index}  # [S, L, N]
-    indexed = steps.set_index(["sample_id", "step", "layer"]).sort_index()
+    per_layer = []
     for position, layer in enumerate(layers):
-        hits, chance, share, read_mass, text_mass = [], [], [], [], []
+        mass = by_layer[layer]["mass"].to_numpy(dtype=np.float64)
+        hits, chance, share = [], [], []
         by_kind: dict[str, list[bool]] = {"listing": [], "content": [], "same_colour": []}
         for row in rows:
+            if not row.visual_tokens:
+                continue
             p = scores[row.sample][row.step, position]
-            mass = float(indexed.loc[(row.sample, row.step, layer), "mass"])
-            (read_mass if row.reads_image else text_mass).append(mass)
-            if row.visual_tokens:
-                hits.append(int(np.argmax(p)) in row.visual_tokens)
-                by_kind["listing" if row.listing else "content"].append(hits[-1])
-                if row.listing:
-                    by_kind["same_colour"].append(int(np.argmax(p)) in row.same_colour_tokens)
-                chance.append(len(row.visual_tokens) / len(p))
-                share.append(float(p[row.visual_tokens].sum() / max(p.sum(), 1e-12)))
-        read, text = np.array(read_mass), np.array(text_mass)
-        labels = np.r_[np.ones(len(read), dtype=bool), np.zeros(len(text), dtype=bool)]
+            top = int(np.argmax(p))
+            hits.append(top in row.visual_tokens)
+            by_kind["listing" if row.listing else "content"].append(hits[-1])
+            if row.listing:
+                by_kind["same_colour"].append(top in row.same_colour_tokens)
+            chance.append(len(row.visual_tokens) / len(p))
+            share.append(float(p[row.visual_tokens].sum() / max(p.sum(), 1e-12)))
         per_layer.append({
             "layer": layer,
             "localization": float(np.mean(hits)),
@@ -138,34 +143,29 @@ def audit_run(run: Run, dataset: VisionDataset) -> dict[str, Any]:
             "content_steps": len(by_kind["content"]),
             "chance": float(np.mean(chance)),
             "referred_share": float(np.mean(share)),
-            "referred_area": float(np.mean(chance)),
-            "mass_image_reading": float(read.mean()),
-            "mass_text_only": float(text.mean()),
-            "mass_ratio": mean_ratio(np.concatenate([read, text]), labels),
-            "mass_auc": auc(np.concatenate([read, text]), labels),
-            "image_reading_steps": len(read),
-            "text_only_steps": len(text),
+            "mass_image_reading": float(mass[reads].mean()),
+            "mass_text_only": float(mass[~reads].mean()),
+            "mass_ratio": mean_ratio(mass, reads),
+            "mass_auc": auc(mass, reads),
+            "image_reading_steps": int(reads.sum()),
+            "text_only_steps": int((~reads).sum()),
         })  # fmt: skip
     best = max(per_layer, key=lambda r: r["localization"])
 
-    anchor = layers[anchor_layer(len(layers))] if len(layers) > 1 else layers[0]
-    kinds = {(row.sample, row.step): row.reads_image for row in rows}
-    at_anchor = steps[steps["layer"] == anchor]
-    on_path = at_anchor[[(s, t) in kinds for s, t in zip(at_anchor["sample_id"], at_anchor["step"], strict=True)]]
-    is_read = np.array([kinds[s, t] for s, t in zip(on_path["sample_id"], on_path["step"], strict=True)], dtype=bool)
+    anchor = layers[anchor_layer(len(layers))]
     budget = []
     for setting, column in zip(PAPER_SETTINGS, tau_columns, strict=True):
-        signal = on_path[column].to_numpy()
+        signal = by_layer[anchor][column].to_numpy()
         below = signal < setting["b_max"]
         budget.append({
             **setting,
             "anchor_layer": int(anchor),
             "below_upper_clamp": float(below.mean()),
-            "below_upper_clamp_image_reading": float(below[is_read].mean()),
-            "below_upper_clamp_text_only": float(below[~is_read].mean()),
+            "below_upper_clamp_image_reading": float(below[reads].mean()),
+            "below_upper_clamp_text_only": float(below[~reads].mean()),
             "at_lower_clamp": float((signal <= setting["b_min"]).mean()),
-            "signal_mean_image_reading": float(signal[is_read].mean()),
-            "signal_mean_text_only": float(signal[~is_read].mean()),
+            "signal_mean_image_reading": float(signal[reads].mean()),
+            "signal_mean_text_only": float(signal[~reads].mean()),
         })  # fmt: skip
     return {
         "samples": n,
@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = Path(args.data) if args.data else eval_set_path()
     run_dir = Path(args.run) if args.run else Path("runs") / f"audit-{model.name}"
     result = audit(model, data, run_dir, limit=args.limit)
-    result["command"] = "python -m vpstudy.organism.audit " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    result["command"] = "python -m vpstudy.organism.audit " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.json) if args.json else model / "evaluation.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     best = next(r for r in result["per_layer"] if r["layer"] == result["best_layer"])

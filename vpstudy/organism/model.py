@@ -33,8 +33,15 @@ ORGANISM_FAMILIES = ("llava", "qwen2_vl")
 VISUAL_FEATURES = {"llava": "model.multi_modal_projector", "qwen2_vl": "model.visual.merger"}
 PREAMBLE = "you see a grid of objects"
 
+
 class OrganismError(ValueError):
     """Bad organism settings or output directory (one-line message)."""
+
+
+def check_family(family: str) -> None:
+    """Raise :class:`OrganismError` unless there is an organism architecture for ``family``."""
+    if family not in ORGANISM_FAMILIES:
+        raise OrganismError(f"no organism for family {family!r}; choose one of {', '.join(ORGANISM_FAMILIES)}")
 
 
 @dataclass(frozen=True)
@@ -79,8 +86,7 @@ def _text(tokenizer: Any, arch: Architecture, **extra: Any) -> dict[str, Any]:
 def build_parts(family: str, arch: Architecture | None = None) -> Parts:
     """Config, tokenizer and processors of an untrained organism of ``family``."""
     arch = arch or Architecture()
-    if family not in ORGANISM_FAMILIES:
-        raise OrganismError(f"no organism for family {family!r}; choose one of {', '.join(ORGANISM_FAMILIES)}")
+    check_family(family)
     tokenizer = _tokenizer(family)
     spec = get_family(family)
     if family == "llava":

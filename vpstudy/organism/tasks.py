@@ -285,34 +285,27 @@ def generate(n: int, seed: int, qtypes: tuple[str, ...] = QUESTION_TYPES) -> lis
 N_CONTENT_CLASSES = 1 + len(COLOURS) * len(SHAPES)
 
 
-def content_classes(scene: Scene, tokens_per_side: int = 8) -> np.ndarray:
-    """Per visual token (row-major over the token grid), the class of its cell's content:
-    0 = empty, else ``1 + colour_index * len(SHAPES) + shape_index``. [tokens_per_side²] int64."""
-    per_cell = tokens_per_side // GRID
-    classes = np.zeros((GRID, GRID), dtype=np.int64)
-    colours = list(COLOURS)
-    for o in scene.objects:
-        classes[divmod(o.cell, GRID)] = 1 + colours.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)
-    return np.repeat(np.repeat(classes, per_cell, axis=0), per_cell, axis=1).reshape(-1)
-
-
 def token_cell_index(tokens_per_side: int = 8) -> np.ndarray:
-    """Per visual token (row-major), the index (0..15) of the grid cell it lies in. [tokens²]."""
+    """Per visual token (row-major over the ``tokens_per_side``² token grid), the index (0..15)
+    of the grid cell it lies in. [tokens_per_side²] int64.
+
+    With 64×64 images and 8 px per visual token (both shipped organisms), each cell is 2×2 tokens.
+    """
     per_cell = tokens_per_side // GRID
     cells = np.arange(GRID * GRID).reshape(GRID, GRID)
     return np.repeat(np.repeat(cells, per_cell, axis=0), per_cell, axis=1).reshape(-1)
 
 
-def token_cells_to_visual(cells: list[int], tokens_per_side: int = 8) -> list[int]:
-    """Visual-token indices (row-major over a ``tokens_per_side``² token grid) covering ``cells``.
+def content_classes(scene: Scene, tokens_per_side: int = 8) -> np.ndarray:
+    """Per visual token (row-major), the class of its cell's content: 0 = empty, else
+    ``1 + colour_index * len(SHAPES) + shape_index``. [tokens_per_side²] int64."""
+    classes = np.zeros(GRID * GRID, dtype=np.int64)
+    colours = list(COLOURS)
+    for o in scene.objects:
+        classes[o.cell] = 1 + colours.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)
+    return classes[token_cell_index(tokens_per_side)]
 
-    With 64×64 images and 8 px per visual token (both shipped organisms), each cell is 2×2 tokens.
-    """
-    per_cell = tokens_per_side // GRID
-    out = []
-    for cell in cells:
-        r, c = divmod(cell, GRID)
-        for dy in range(per_cell):
-            for dx in range(per_cell):
-                out.append((r * per_cell + dy) * tokens_per_side + c * per_cell + dx)
-    return sorted(out)
+
+def token_cells_to_visual(cells: list[int], tokens_per_side: int = 8) -> list[int]:
+    """Sorted visual-token indices (row-major) covering ``cells``."""
+    return np.flatnonzero(np.isin(token_cell_index(tokens_per_side), cells)).tolist()

@@ -46,7 +46,7 @@ from ..loading import quiet_transformers
 from ..processing import format_prompt, prepare_batch, tokenizer_of
 from ..provenance import package_versions
 from ..testing import BOS, EOS, PAD
-from .model import VISUAL_FEATURES, Architecture, OrganismError, Parts, build_parts
+from .model import VISUAL_FEATURES, Architecture, OrganismError, Parts, build_parts, check_family
 from .tasks import (GRID, N_CONTENT_CLASSES, QUESTION_TYPES, Example, content_classes, generate, generate_one,
                     token_cell_index)  # fmt: skip
 
@@ -78,6 +78,11 @@ class TrainSettings:
         out = asdict(self)
         out["qtypes"] = list(self.qtypes)
         return out
+
+    @classmethod
+    def from_json(cls, fields: dict[str, Any]) -> TrainSettings:
+        """Inverse of :meth:`to_json` (e.g. the ``settings`` of an ``organism.json``)."""
+        return cls(**{**fields, "qtypes": tuple(fields["qtypes"]), "arch": Architecture(**fields["arch"])})
 
 
 def _lr_factor(step: int, settings: TrainSettings) -> float:
@@ -260,7 +265,7 @@ def train(settings: TrainSettings, out: str | Path, *, overwrite: bool = False, 
         final validation accuracy, versions).
     """
     out = Path(out)
-    build_parts(settings.family, settings.arch)  # refuses an unknown family before anything else
+    check_family(settings.family)  # before anything else
     check_output_dir(out, settings, overwrite)
     staging = out.parent / f".{out.name}.training"
     shutil.rmtree(staging, ignore_errors=True)
