@@ -85,11 +85,11 @@ def _traces(rho: float, n_traces: int, rng: np.random.Generator) -> tuple[list[n
     return xs, ys
 
 
-def test_trace_bootstrap_covers_a_planted_correlation_at_close_to_its_nominal_rate():
-    """Over many synthetic runs, the 90% interval that resamples traces covers the planted r on
-    close to 90% of runs; resampling single steps (ignoring the dependence) covers far less."""
+def coverage(runs: int = 200) -> tuple[float, float]:
+    """Share of synthetic runs (planted r = 0.5, seed 2026) whose 90% interval covers r, when the
+    bootstrap resamples traces and when it resamples single steps."""
     rng = np.random.default_rng(2026)
-    rho, runs, covered, covered_by_steps = 0.5, 200, 0, 0
+    rho, covered, covered_by_steps = 0.5, 0, 0
     for run in range(runs):
         xs, ys = _traces(rho, 30, rng)
         _, low, high = stats.cluster_bootstrap_ci(xs, ys, n_boot=200, level=0.9, seed=run)
@@ -98,22 +98,36 @@ def test_trace_bootstrap_covers_a_planted_correlation_at_close_to_its_nominal_ra
         _, low, high = stats.cluster_bootstrap_ci(list(steps_x[:, None]), list(steps_y[:, None]), n_boot=200,
                                                   level=0.9, seed=run)  # fmt: skip
         covered_by_steps += low <= rho <= high
-    assert 0.82 <= covered / runs <= 0.97, covered / runs
-    assert covered_by_steps / runs < 0.75, covered_by_steps / runs
+    return covered / runs, covered_by_steps / runs
+
+
+def null_pvalues(runs: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """p-values of synthetic runs under a planted null (seed 7): trace-respecting permutation,
+    and shuffling single steps."""
+    rng = np.random.default_rng(7)
+    pvalues, naive = [], []
+    for run in range(runs):
+        xs, ys = _traces(0.0, 20, rng)  # rho = 0: x and y independent at both levels
+        pvalues.append(stats.permutation_pvalue(xs, ys, n_perm=200, seed=run))
+        naive.append(_step_shuffle_pvalue(xs, ys, rng))
+    return np.array(pvalues), np.array(naive)
+
+
+def test_trace_bootstrap_covers_a_planted_correlation_at_close_to_its_nominal_rate():
+    """Over many synthetic runs, the 90% interval that resamples traces covers the planted r on
+    close to 90% of runs; resampling single steps (ignoring the dependence) covers far less."""
+    by_traces, by_steps = coverage()
+    assert 0.82 <= by_traces <= 0.97, by_traces
+    assert by_steps < 0.75, by_steps
 
 
 def test_permutation_pvalues_are_uniform_under_a_planted_null():
     """x and y independent, but each with trace-level effects and AR(1) steps: the p-values of
     200 such runs are uniform (KS test at a fixed seed); shuffling single steps is not."""
-    rng = np.random.default_rng(7)
-    pvalues, naive = [], []
-    for run in range(200):
-        xs, ys = _traces(0.0, 20, rng)  # rho = 0: x and y independent at both levels
-        pvalues.append(stats.permutation_pvalue(xs, ys, n_perm=200, seed=run))
-        naive.append(_step_shuffle_pvalue(xs, ys, rng))
+    pvalues, naive = null_pvalues()
     assert sps.kstest(pvalues, "uniform").pvalue > 0.01
-    assert np.mean(np.array(pvalues) < 0.05) < 0.10
-    assert np.mean(np.array(naive) < 0.05) > 0.25  # the naive test calls noise significant
+    assert np.mean(pvalues < 0.05) < 0.10
+    assert np.mean(naive < 0.05) > 0.25  # the naive test calls noise significant
 
 
 def _step_shuffle_pvalue(xs, ys, rng, n_perm=200):
@@ -129,3 +143,11 @@ def test_a_planted_correlation_is_detected_and_a_planted_null_is_not():
     assert stats.permutation_pvalue(xs, ys, n_perm=500) < 0.01
     null_x, null_y = _traces(0.0, 40, rng)
     assert stats.permutation_pvalue(null_x, null_y, n_perm=500) > 0.05
+
+
+if __name__ == "__main__":  # python tests/stats/test_estimators.py: the rates the tests bound
+    by_traces, by_steps = coverage()
+    print(f"90% interval covers the planted r: resampling traces {by_traces:.3f}, resampling steps {by_steps:.3f}")
+    pvalues, naive = null_pvalues()
+    print(f"planted null: KS p = {sps.kstest(pvalues, 'uniform').pvalue:.2f}, share below 0.05 = "
+          f"{np.mean(pvalues < 0.05):.3f}; shuffling steps: share below 0.05 = {np.mean(naive < 0.05):.3f}")

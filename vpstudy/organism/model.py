@@ -6,8 +6,8 @@ Two families are supported (:data:`ORGANISM_FAMILIES`):
   tokens after dropping CLS) + Llama text model;
 - ``qwen2_vl``: Qwen2-VL vision tower (width 64, 2 layers, 8-px patches, 2-D RoPE inside the
   tower) + Qwen2 text model with M-RoPE. ``spatial_merge_size`` is 1, not the released models' 2:
-  the same 64 visual tokens from 4-px patches merged 2×2 cost a third more CPU time per training
-  step (a 256-patch vision tower), which the 60-minute training budget cannot spare.
+  the same 64 visual tokens from 4-px patches merged 2×2 took about 1.5× the CPU time per
+  training step (a 256-patch vision tower), which the 60-minute training budget cannot spare.
 
 In both, each 16-px grid cell covers 2×2 visual tokens, and visual tokens are in row-major order
 over an 8×8 token grid (:func:`vpstudy.organism.tasks.token_cells_to_visual`).
