@@ -21,3 +21,12 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_dataset(tmp_path_factory.mktemp("data"), n=6, seed=0)
+
+
+@pytest.fixture(scope="session")
+def organism_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped LLaVA organism recorded on the first 64 examples of its evaluation set
+    (every text layer, greedy, as ``vpstudy demo`` records it). Tests copy it before changing it."""
+    from vpstudy.organism.shipped import example_run
+
+    return example_run(tmp_path_factory.mktemp("organism") / "run", samples=64)

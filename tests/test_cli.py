@@ -17,6 +17,7 @@ import pytest
 from helpers import snapshot
 
 import vpstudy
+from vpstudy.budget import BudgetRule
 from vpstudy.cli import main
 from vpstudy.testing import make_tiny_dataset
 
@@ -141,8 +142,22 @@ def test_bad_input_is_one_line_and_leaves_the_run_intact(case, message, recorded
     assert snapshot(recorded) == before
 
 
-def test_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--samples", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "3 samples" in out and "run written to" in out
-    assert len(vpstudy.open_run(tmp_path / "demo" / "run").samples) == 3
+def test_demo_records_analyzes_fits_draws_and_reports(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--samples", "12", "--n-boot", "100", "--n-perm", "100"]) == 0
+    printed = capsys.readouterr().out
+    assert "12 samples" in printed and f"report: {out / 'report.md'}" in printed
+    run = vpstudy.open_run(out / "run")
+    assert len(run.samples) == 12 and (out / "run" / "analysis" / "stats.json").is_file()
+    rule = BudgetRule.load(out / "budget_rule.json")
+    assert rule.layer == 2 and rule.fit["delta"] == "1/Nv" and rule.fit["run"] == str(out / "run")
+    report = (out / "report.md").read_text()
+    for name in ("mass_over_steps", "mass_vs_active", "never_activated", "budget_dynamics", "layer_similarity"):
+        assert (out / "figures" / f"{name}.png").is_file() and (out / "figures" / f"{name}.pdf").is_file()
+        assert f"![{name}](figures/{name}.png)" in report
+    assert "latency skipped" in report and "accuracy_vs_retention skipped" in report  # their inputs come later
+    # the report's correlation is recomputable from steps.parquet with pandas alone
+    steps = pd.read_parquet(out / "run" / "steps.parquet")
+    d = steps[steps["layer"] == 2]
+    assert f"δ=1/Nv: Pearson r {d['mass'].corr(d['active@1/Nv']):.3f} [" in report
+    assert f"mean visual mass {steps['mass'].mean():.3f}" in printed  # the summary line (all layers)

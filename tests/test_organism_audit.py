@@ -7,17 +7,11 @@ import json
 import numpy as np
 import pytest
 
-import vpstudy
-from vpstudy.collect import sample_tables
-from vpstudy.datasets import load_dataset
-from vpstudy.organism.audit import anchor_layer, audit_run, on_path_steps
-from vpstudy.organism.model import build_parts
-from vpstudy.organism.shipped import write_eval_set
-from vpstudy.organism.tasks import CELL_NAMES, cell_index, token_cells_to_visual
-from vpstudy.recorder import SampleTrace, Threshold
-from vpstudy.runs import RunWriter
+from helpers import N_V, planted_organism_run
 
-N_V, LAYERS = 64, [0, 1, 2, 3]
+from vpstudy.budget import anchor_layer
+from vpstudy.organism.audit import audit_run, on_path_steps
+from vpstudy.organism.tasks import cell_index, token_cells_to_visual
 
 
 def test_anchor_layer_is_at_the_papers_relative_depth():
@@ -35,41 +29,8 @@ def test_on_path_steps_stop_after_the_first_divergence():
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """A run over 8 evaluation examples whose traces are generated exactly, with planted scores."""
-    root = tmp_path_factory.mktemp("audit")
-    dataset = load_dataset(write_eval_set(root / "data", n=8, seed=3))
-    tokenizer = build_parts("llava").tokenizer
-    rng = np.random.default_rng(0)
-    writer = RunWriter(root / "run", {"kind": "record", "layers": LAYERS})
-    truth = {"hits": [], "listing": [], "read": [], "text": [], "signal": [], "is_read": []}
-    for example in dataset:
-        words = example.extra["trace"].split() + ["</s>"]
-        cells = example.extra["token_cells"] + [[]]
-        reads = example.extra["token_reads_image"] + [False]
-        steps = len(words)
-        scores = np.full((steps, len(LAYERS), N_V), 0.001, dtype=np.float32)
-        for t in range(steps):
-            referred = token_cells_to_visual([cell_index(c) for c in cells[t]])
-            mass = rng.uniform(0.4, 0.8) if reads[t] else rng.uniform(0.31, 0.5)
-            (truth["read"] if reads[t] else truth["text"]).append(mass)
-            outside = [i for i in range(N_V) if i not in referred]
-            hit = bool(referred) and rng.random() < 0.7
-            peak = int(rng.choice(referred)) if hit else int(rng.choice(outside))
-            if referred:
-                truth["hits"].append(hit)
-                truth["listing"].append(words[t] in CELL_NAMES)
-            scores[t, 1] = (mass - 0.3) / (N_V - 1)
-            scores[t, 1, peak] = 0.3  # layer 1 holds the plant; the other layers are flat
-        signal = rng.uniform(0.0, 0.12, size=(steps, len(LAYERS), 2)).astype(np.float32)
-        truth["signal"] += signal[:, anchor_layer(len(LAYERS)), 0].tolist()
-        truth["is_read"] += reads
-        trace = SampleTrace(
-            layers=LAYERS, thresholds=[Threshold(0.001)], visual_positions=np.arange(N_V),
-            mass=scores.sum(-1), max_head_mass=scores.sum(-1), active=(scores > 0.001).sum(-1, keepdims=True),
-            max_scores=scores.max(0), scores=scores, temperatures=[0.1, 0.4], tau_max_head_mass=signal,
-        )  # fmt: skip
-        ids = tokenizer.convert_tokens_to_ids(words)
-        writer.write_sample(*sample_tables(example, dataset.name, trace, ids, tokenizer, [8, 8]))
-    return audit_run(vpstudy.open_run(root / "run"), dataset), truth
+    run, dataset, truth = planted_organism_run(tmp_path_factory.mktemp("audit"))
+    return audit_run(run, dataset), truth
 
 
 def test_audit_finds_the_planted_localization_and_mass_contrast(planted):

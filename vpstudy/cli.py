@@ -7,11 +7,14 @@ and exit status 2, without touching existing runs.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .annotations import AnnotationError
+from .budget import BudgetRuleError
 from .datasets import DatasetError
 from .families import UnsupportedFamilyError
 from .loading import ModelLoadError
@@ -19,8 +22,10 @@ from .organism.model import OrganismError
 from .processing import InputError
 from .recorder import DEFAULT_THRESHOLDS, RecorderError
 from .runs import RunStoreError
+from .stats.tables import AnalysisError
 
-USER_ERRORS = (OrganismError, DatasetError, UnsupportedFamilyError, ModelLoadError, InputError, RecorderError, RunStoreError)
+USER_ERRORS = (OrganismError, DatasetError, UnsupportedFamilyError, ModelLoadError, InputError, RecorderError,
+               RunStoreError, AnalysisError, AnnotationError, BudgetRuleError)  # fmt: skip
 
 
 def _positive(text: str) -> int:
@@ -55,22 +60,55 @@ def _record(args: argparse.Namespace) -> str:
     return summary_line(run)
 
 
-def _demo(args: argparse.Namespace) -> str:
-    """Record the shipped organism on its evaluation set (analysis, pruning and figures join it
-    as those issues land)."""
-    from .collect import RecordSettings, record_dataset, summary_line
-    from .datasets import load_dataset
-    from .loading import load
-    from .organism.shipped import eval_set_path, organism_dir
+def _analysis_settings(args: argparse.Namespace):  # -> AnalysisSettings
+    from .stats.tables import AnalysisSettings
 
-    model_dir = organism_dir(args.family)
-    if not (model_dir / "config.json").is_file():
-        raise ModelLoadError(f"{model_dir}: no shipped organism of family {args.family!r} (see data/README.md)")
-    model, processor = load(model_dir)
-    dataset = load_dataset(eval_set_path(), limit=args.samples)
-    settings = RecordSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    run = record_dataset(model, processor, dataset, Path(args.out) / "run", settings, model_path=str(model_dir))
-    return summary_line(run) + f"\nrun written to {run.path} (open it with vpstudy.open_run('{run.path}'))"
+    return AnalysisSettings(n_boot=args.n_boot, n_perm=args.n_perm, seed=args.seed)
+
+
+def _analyze(args: argparse.Namespace) -> str:
+    from .analysis import analyze
+    from .report import headline_lines
+
+    result = analyze(args.run_dir, data=args.data, layer=args.layer, settings=_analysis_settings(args))
+    lines = headline_lines(result)
+    return "\n".join([*lines, *(f"note: {s}" for s in result["skipped"]), f"written to {Path(args.run_dir) / 'analysis'}"])
+
+
+def _fit_budget(args: argparse.Namespace) -> str:
+    from .budget import fit_budget
+    from .report import rule_lines
+    from .runs import open_run
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise BudgetRuleError(f"{out}: exists; pass --overwrite to replace it")
+    rule = fit_budget(open_run(args.run_dir), layer=args.layer, delta=args.delta, signal=args.signal,
+                      holdout=args.holdout, seed=args.seed, b_min=args.b_min, b_max=args.b_max)  # fmt: skip
+    rule.save(out)
+    return "\n".join([*rule_lines(rule), f"rule written to {out} (load it with vpstudy.budget.BudgetRule.load)"])
+
+
+def _figures(args: argparse.Namespace) -> str:
+    from .figures import write_figures
+
+    report = write_figures(args.runs, args.out, layer=args.layer, rule=args.rule, bench_dir=args.bench,
+                           comparisons=args.comparison)  # fmt: skip
+    lines = [f"wrote {p}" for p in report.written] + [f"skipped: {s}" for s in report.skipped]
+    return "\n".join(lines + [f"{len(report.written)} files in {args.out}, {len(report.skipped)} figures skipped"])
+
+
+def _demo(args: argparse.Namespace) -> str:
+    """record → analyze → fit budget → figures → report.md on the shipped organism."""
+    from .demo import DemoSettings, run_demo
+
+    settings = DemoSettings(family=args.family, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.batch_size, analysis=_analysis_settings(args))  # fmt: skip
+    result = run_demo(args.out, settings, command="vpstudy " + shlex.join(args.argv))
+    return (
+        f"{result.summary}\nreport: {result.report} ({len(result.figures)} figure files, "
+        f"{len(result.skipped)} items not produced: see the report)\nrun: {result.run}, budget rule: {result.rule}"
+    )
 
 
 def _train_organism(args: argparse.Namespace) -> str:
@@ -96,6 +134,12 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _resampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n-boot", type=_positive, default=1000, help="bootstrap replicates (resampling samples)")
+    parser.add_argument("--n-perm", type=_positive, default=1000, help="permutations of the correlation p-values")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,12 +177,42 @@ def build_parser() -> argparse.ArgumentParser:
     org.add_argument("--overwrite", action="store_true", help="replace an output directory holding another model")
     org.set_defaults(run=_train_organism)
 
+    ana = sub.add_parser("analyze", help="statistics of a recorded run with uncertainty, into RUN/analysis/")
+    ana.add_argument("run_dir", metavar="RUN", help="run directory written by `vpstudy record`")
+    ana.add_argument("--data", default=None, help="dataset with trace annotations (default: the run's own dataset)")
+    ana.add_argument("--layer", type=int, default=None, help="analysis layer of the headline (default: anchor depth)")
+    _resampling_arguments(ana)
+    ana.set_defaults(run=_analyze)
+
+    fit = sub.add_parser("fit-budget", help="fit a budget rule (signal -> keep ratio) from a recorded run")
+    fit.add_argument("run_dir", metavar="RUN", help="run directory written by `vpstudy record`")
+    fit.add_argument("--layer", type=int, required=True, help="anchor layer: where the signal is read")
+    fit.add_argument("--delta", required=True, help="activity threshold δ of the target N_act (e.g. 0.001 or 1/Nv)")
+    fit.add_argument("--out", required=True, help="rule JSON to write (refuses an existing file unless --overwrite)")
+    fit.add_argument("--signal", default="mass", help="mass (default), max_head_mass or max_head_mass@tau=<τ>")
+    fit.add_argument("--holdout", type=float, default=0.3, help="share of samples held out to test the rule")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the train/held-out split")
+    fit.add_argument("--b-min", type=float, default=None, help="lower clamp of the keep ratio (default: fitted)")
+    fit.add_argument("--b-max", type=float, default=None, help="upper clamp of the keep ratio (default: fitted)")
+    fit.add_argument("--overwrite", action="store_true")
+    fit.set_defaults(run=_fit_budget)
+
+    figs = sub.add_parser("figures", help="draw every figure from saved runs and results (no model is run)")
+    figs.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    figs.add_argument("--out", required=True, help="output directory for PNG and PDF files")
+    figs.add_argument("--layer", type=int, default=None, help="layer of the per-layer figures (default: anchor depth)")
+    figs.add_argument("--rule", default=None, help="a fitted budget rule to add to the budget dynamics figure")
+    figs.add_argument("--bench", default="bench/results", help="benchmark results directory (latency figure)")
+    figs.add_argument("--comparison", nargs="*", default=[], help="evaluation comparison CSVs (accuracy figure)")
+    figs.set_defaults(run=_figures)
+
     demo = sub.add_parser("demo", help="the main job on the embedded default (see README)")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes (default: runs/demo)")
     demo.add_argument("--family", default="llava", help="which shipped organism: llava (default) or qwen2_vl")
     demo.add_argument("--samples", type=_positive, default=128, help="evaluation examples to record (default: 128)")
     demo.add_argument("--max-new-tokens", type=_positive, default=48)
     demo.add_argument("--batch-size", type=_positive, default=32)
+    _resampling_arguments(demo)
     demo.set_defaults(run=_demo)
     return parser
 
@@ -146,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     start = time.perf_counter()
     try:
         message = args.run(args)

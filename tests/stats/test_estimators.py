@@ -59,6 +59,17 @@ def test_top_k_jaccard_on_hand_built_steps():
         stats.top_k_sets(scores, 5)
 
 
+def test_jaccard_chance_is_exact_on_small_cases_and_matches_simulation():
+    # n = 4, k = 2: the second pair equals the first with prob. 1/6 (J = 1), shares one item
+    # with prob. 4/6 (J = 1/3), none with prob. 1/6 (J = 0)
+    assert stats.jaccard_chance(4, 2) == pytest.approx(1 / 6 + 4 / 6 / 3)
+    assert stats.jaccard_chance(5, 5) == 1.0
+    rng = np.random.default_rng(0)
+    draws = [stats.jaccard(frozenset(rng.choice(64, 6, replace=False).tolist()),
+                           frozenset(rng.choice(64, 6, replace=False).tolist())) for _ in range(20000)]  # fmt: skip
+    assert stats.jaccard_chance(64, 6) == pytest.approx(np.mean(draws), abs=0.002)
+
+
 def test_layer_cosine_matches_scipy_cosine_per_step():
     rng = np.random.default_rng(1)
     scores = rng.random((6, 3, 20))

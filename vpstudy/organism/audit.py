@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ..budget import anchor_layer
 from ..collect import RecordSettings, record_dataset
 from ..datasets import VisionDataset, load_dataset
 from ..runs import Run
@@ -39,11 +40,6 @@ from ..stats import auc, mean_ratio
 from .tasks import CELL_NAMES, cell_index, token_cells_to_visual
 
 PAPER_SETTINGS = ({"tau": 0.1, "b_min": 0.01, "b_max": 0.05}, {"tau": 0.4, "b_min": 0.05, "b_max": 0.10})
-
-
-def anchor_layer(n_layers: int) -> int:
-    """The layer at the relative depth of VisionPulse's anchor (index 17 of 36 layers)."""
-    return min(n_layers - 1, round(17 / 36 * n_layers))
 
 
 @dataclass

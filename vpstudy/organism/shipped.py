@@ -11,7 +11,9 @@
 Each record of the evaluation set has ``id``, ``image``, ``question``, ``answer`` and, as extra
 fields: ``qtype``; ``trace`` (the reference trace, space-separated); ``token_cells`` (per trace
 token, the grid cells it states, as names like ``"b3"``); ``token_reads_image`` (per trace
-token, whether producing it needs the image); ``scene`` (the objects: cell, colour, shape).
+token, whether producing it needs the image); ``token_boxes`` (per trace token, the same cells
+as image regions ``[x0, y0, x1, y1]`` in image fractions: the dataset-independent form that
+:mod:`vpstudy.annotations` reads); ``scene`` (the objects: cell, colour, shape).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from .tasks import QUESTION_TYPES, cell_name, generate
+from .tasks import GRID, QUESTION_TYPES, cell_name, generate
 
 EVAL_SEED = 20261121  # the evaluation set's seed (training draws from the train seed's own stream)
 EVAL_SIZE = 600
@@ -40,6 +42,12 @@ def organism_dir(family: str = "llava") -> Path:
 def eval_set_path() -> Path:
     """``data.jsonl`` of the shipped evaluation set."""
     return data_dir() / "organism-eval" / "data.jsonl"
+
+
+def cell_box(cell: int) -> list[float]:
+    """The image region of grid cell ``cell`` as ``[x0, y0, x1, y1]`` in image fractions."""
+    row, col = divmod(cell, GRID)
+    return [col / GRID, row / GRID, (col + 1) / GRID, (row + 1) / GRID]
 
 
 def write_eval_set(out_dir: str | Path, n: int = EVAL_SIZE, seed: int = EVAL_SEED,
@@ -64,12 +72,29 @@ def write_eval_set(out_dir: str | Path, n: int = EVAL_SIZE, seed: int = EVAL_SEE
             "trace": " ".join(ex.trace),
             "token_cells": [[cell_name(c) for c in cells] for cells in ex.cells],
             "token_reads_image": ex.reads_image,
+            "token_boxes": [[cell_box(c) for c in cells] for cells in ex.cells],
             "scene": ex.scene.to_json(),
         }
         lines.append(json.dumps(record))
     path = out / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def example_run(out: str | Path = "runs/example", *, family: str = "llava", samples: int = 16,
+                progress: bool = False) -> Path:  # fmt: skip
+    """A small run to explore: the shipped organism recorded on the first ``samples`` evaluation
+    examples (every layer, greedy, up to 48 tokens), written to ``out`` or resumed there.
+    The notebooks use it when no run is given. Returns the run directory."""
+    from ..collect import RecordSettings, record_dataset
+    from ..datasets import load_dataset
+    from ..loading import load
+
+    model, processor = load(organism_dir(family))
+    settings = RecordSettings(max_new_tokens=48, batch_size=min(samples, 32))
+    run = record_dataset(model, processor, load_dataset(eval_set_path(), limit=samples), out, settings,
+                         model_path=str(organism_dir(family)), progress=progress)  # fmt: skip
+    return run.path
 
 
 if __name__ == "__main__":  # python -m vpstudy.organism.shipped  (re)writes data/organism-eval

@@ -59,9 +59,26 @@ def mean_ratio(values: np.ndarray, labels: np.ndarray) -> float:
     return float(values[labels].mean() / values[~labels].mean())
 
 
-def _check_traces(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> None:
-    if len(xs) != len(ys) or not xs:
-        raise ValueError(f"need the same number (> 0) of x and y traces, got {len(xs)} and {len(ys)}")
+class _Pooled:
+    """Traces pooled into one array, with the index arithmetic the resampling needs."""
+
+    def __init__(self, xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> None:
+        if len(xs) != len(ys) or not xs:
+            raise ValueError(f"need the same number (> 0) of x and y traces, got {len(xs)} and {len(ys)}")
+        self.lengths = np.array([len(x) for x in xs], dtype=np.int64)
+        if any(len(y) != n for y, n in zip(ys, self.lengths, strict=True)):
+            raise ValueError("each trace needs as many y values as x values")
+        self.x = np.concatenate([np.asarray(x, dtype=np.float64) for x in xs])
+        self.y = np.concatenate([np.asarray(y, dtype=np.float64) for y in ys])
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
+        self.trace = np.repeat(np.arange(len(xs)), self.lengths)  # trace of each pooled step
+        self.position = np.arange(len(self.x)) - self.starts[self.trace]  # step within its trace
+
+    def gather(self, picks: np.ndarray) -> np.ndarray:
+        """Pooled-step indices of the traces ``picks`` (in that order, repeats allowed)."""
+        lengths = self.lengths[picks]
+        offsets = np.repeat(self.starts[picks] - (np.cumsum(lengths) - lengths), lengths)
+        return offsets + np.arange(int(lengths.sum()))
 
 
 def cluster_bootstrap_ci(
@@ -86,14 +103,13 @@ def cluster_bootstrap_ci(
         ``(estimate, low, high)``; replicates where the statistic is NaN are dropped, and the
         interval is NaN if fewer than half of them remain.
     """
-    _check_traces(xs, ys)
-    estimate = statistic(np.concatenate(xs), np.concatenate(ys))
+    pooled = _Pooled(xs, ys)
+    estimate = statistic(pooled.x, pooled.y)
     rng = np.random.default_rng(seed)
-    replicates = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(xs), size=len(xs))
-        replicates.append(statistic(np.concatenate([xs[i] for i in pick]), np.concatenate([ys[i] for i in pick])))
-    values = np.asarray(replicates)
+    values = np.empty(n_boot)
+    for b in range(n_boot):
+        index = pooled.gather(rng.integers(0, len(xs), size=len(xs)))
+        values[b] = statistic(pooled.x[index], pooled.y[index])
     values = values[~np.isnan(values)]
     if len(values) < n_boot / 2:
         return estimate, float("nan"), float("nan")
@@ -128,19 +144,22 @@ def permutation_pvalue(
     Returns:
         ``(1 + #{|T_perm| >= |T_obs|}) / (1 + n_perm)``; NaN if the observed statistic is NaN.
     """
-    _check_traces(xs, ys)
-    x = np.concatenate(xs)
-    observed = statistic(x, np.concatenate(ys))
+    pooled = _Pooled(xs, ys)
+    observed = statistic(pooled.x, pooled.y)
     if np.isnan(observed):
         return float("nan")
     rng = np.random.default_rng(seed)
-    means = np.array([np.mean(y) for y in ys])
-    deviations = [np.asarray(y, dtype=np.float64) - m for y, m in zip(ys, means, strict=True)]
+    sums = np.bincount(pooled.trace, weights=pooled.y, minlength=len(xs))
+    means = sums / pooled.lengths
+    deviations = pooled.y - means[pooled.trace]
+    n_trace = pooled.lengths[pooled.trace]
     exceed = 0
     for _ in range(n_perm):
-        order = rng.permutation(len(ys))
-        y = np.concatenate([means[order[i]] + np.roll(d, int(rng.integers(len(d)))) for i, d in enumerate(deviations)])
-        value = statistic(x, y)
+        order = rng.permutation(len(xs))
+        shifts = rng.integers(0, pooled.lengths)
+        # np.roll(d, s)[p] == d[(p - s) mod n], for every trace at once
+        source = pooled.starts[pooled.trace] + (pooled.position - shifts[pooled.trace]) % n_trace
+        value = statistic(pooled.x, means[order][pooled.trace] + deviations[source])
         exceed += bool(np.isnan(value) or abs(value) >= abs(observed) - 1e-12)
     return (1 + exceed) / (1 + n_perm)
 
@@ -170,6 +189,16 @@ def jaccard(a: frozenset[int], b: frozenset[int]) -> float:
     """|a ∩ b| / |a ∪ b| (1 for two empty sets)."""
     union = len(a | b)
     return 1.0 if union == 0 else len(a & b) / union
+
+
+def jaccard_chance(n: int, k: int) -> float:
+    """Expected Jaccard overlap of two independent uniformly random ``k``-subsets of ``n`` items:
+    E[I / (2k − I)] with I ~ Hypergeometric(n, k, k). The reference level for top-k sets that
+    share nothing but chance."""
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n}, got {k}")
+    overlap = np.arange(max(0, 2 * k - n), k + 1)
+    return float((sps.hypergeom(n, k, k).pmf(overlap) * overlap / (2 * k - overlap)).sum())
 
 
 def step_dependence(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
