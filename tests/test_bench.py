@@ -40,3 +40,17 @@ def test_make_tiny_text_overrides_win_and_vision_follows_text_width(family, tmp_
     spec = model.vpstudy_family
     inputs = prepare_batch(processor, spec, model.config, [format_prompt(processor, spec, "what")], [dataset[0].image()])
     assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_pruning_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "vpstudy.bench.pruning", "--layers", "2", "--hidden", "64", "--heads", "4",
+           "--kv-heads", "2", "--intermediate", "128", "--visual-tokens", "64", "--new-tokens", "3", "--repeats", "1",
+           "--json", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["visual_tokens"] == 64 and report["identical_tokens_physical_vs_mask"] is True
+    assert set(report["median_decode_step_s"]) == {"dense", "visionpulse-physical", "visionpulse-mask"}
+    assert 0 < report["kept_fraction_at_anchor"]["visionpulse-physical"] <= 0.05
+    assert "decision overhead" in result.stdout

@@ -19,13 +19,15 @@ from .datasets import DatasetError
 from .families import UnsupportedFamilyError
 from .loading import ModelLoadError
 from .organism.model import OrganismError
+from .pruning.methods import PruningError
+from .scoring import ScoringError
 from .processing import InputError
 from .recorder import DEFAULT_THRESHOLDS, RecorderError
 from .runs import RunStoreError
 from .stats.tables import AnalysisError
 
 USER_ERRORS = (OrganismError, DatasetError, UnsupportedFamilyError, ModelLoadError, InputError, RecorderError,
-               RunStoreError, AnalysisError, AnnotationError, BudgetRuleError)  # fmt: skip
+               RunStoreError, AnalysisError, AnnotationError, BudgetRuleError, PruningError, ScoringError)  # fmt: skip
 
 
 def _positive(text: str) -> int:
@@ -96,6 +98,39 @@ def _figures(args: argparse.Namespace) -> str:
                            comparisons=args.comparison)  # fmt: skip
     lines = [f"wrote {p}" for p in report.written] + [f"skipped: {s}" for s in report.skipped]
     return "\n".join(lines + [f"{len(report.written)} files in {args.out}, {len(report.skipped)} figures skipped"])
+
+
+def _evaluate(args: argparse.Namespace) -> str:
+    from .budget import BudgetRule
+    from .collect import RecordSettings
+    from .datasets import load_dataset
+    from .evaluation import compare, evaluate
+    from .loading import load
+    from .pruning.plan import build_plan, parse_settings
+    from .runs import open_run
+    from .scoring import get_scorer
+
+    rule = BudgetRule.load(args.rule) if args.rule else None
+    scorer = get_scorer(args.scorer)
+    plan = None if args.method == "all" else build_plan(args.method, parse_settings(args.set), rule=rule)
+    dense = open_run(args.dense) if args.dense else None
+    dataset = load_dataset(args.data, limit=args.limit)
+    model, processor = load(args.model, dtype=args.dtype, device=args.device)
+    settings = RecordSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    if args.method == "all":
+        if args.set:
+            raise PruningError("--set does not apply to --method all")
+        table = compare(model, processor, dataset, args.out, settings=settings, rule=rule, scorer=scorer,
+                        budget=args.budget, model_path=str(args.model))  # fmt: skip
+        return (Path(args.out) / "comparison.md").read_text() + f"table: {Path(args.out) / 'comparison.csv'} ({len(table)} methods)"
+    result = evaluate(model, processor, dataset, args.out, plan, settings=settings, scorer=scorer, dense=dense,
+                      model_path=str(args.model))  # fmt: skip
+    line = (f"{result['method']['name']}: accuracy {result['accuracy']:.3f} (95% CI {result['accuracy_ci95'][0]:.3f}-"
+            f"{result['accuracy_ci95'][1]:.3f}), mean kept visual {100 * result['kept_fraction']['mean']:.1f}% per step, "
+            f"mean length {result['mean_length']:.1f}")  # fmt: skip
+    if "agreement" in result:
+        line += f", same answer as dense {100 * result['agreement']:.1f}%"
+    return line + f"\nrun and eval.json written to {args.out}"
 
 
 def _demo(args: argparse.Namespace) -> str:
@@ -205,6 +240,28 @@ def build_parser() -> argparse.ArgumentParser:
     figs.add_argument("--bench", default="bench/results", help="benchmark results directory (latency figure)")
     figs.add_argument("--comparison", nargs="*", default=[], help="evaluation comparison CSVs (accuracy figure)")
     figs.set_defaults(run=_figures)
+
+    ev = sub.add_parser("evaluate", help="decode a dataset with a pruning method; run + eval.json (or --method all)")
+    ev.add_argument("--model", required=True, help="model directory (save_pretrained form)")
+    ev.add_argument("--data", required=True, help="dataset: .jsonl, .parquet, or a save_to_disk directory")
+    ev.add_argument("--method", required=True,
+                    help="dense, a method (visionpulse, topk, topp, random, fastv, pyramiddrop, static_topk), "
+                         "several joined by + (fastv+visionpulse), or all (the full comparison)")
+    ev.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="method settings, e.g. tau=0.4 b_max=0.1 (prefix with the method when composing: fastv.layer=2)")
+    ev.add_argument("--rule", default=None, help="a fitted budget rule (JSON) for visionpulse")
+    ev.add_argument("--out", required=True, help="run directory (for --method all: a directory of runs)")
+    ev.add_argument("--dense", default=None, help="a dense run of the same samples, for agreement and the paired Δ")
+    ev.add_argument("--scorer", default="exact_match",
+                    help="answer scoring: exact_match, multiple_choice, numeric_tolerance, relaxed_accuracy")
+    ev.add_argument("--budget", type=float, default=0.05, help="--method all: visual-token budget of the fixed methods")
+    ev.add_argument("--max-new-tokens", type=_positive, default=64)
+    ev.add_argument("--batch-size", type=_positive, default=1)
+    ev.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N examples")
+    ev.add_argument("--seed", type=int, default=0, help="seed of random methods (decoding is greedy)")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--device", default="cpu")
+    ev.set_defaults(run=_evaluate)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default (see README)")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes (default: runs/demo)")

@@ -6,7 +6,8 @@ samples already committed (resume), so a killed run loses at most the batch in f
 
 from __future__ import annotations
 
-import re
+import time
+from contextlib import nullcontext
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .datasets import Example, VisionDataset
+from .pruning import KeptTrace, Pruner
+from .pruning.plan import PruningPlan
+from .scoring import Scorer, final_answer, is_correct, normalize_answer  # noqa: F401 (re-exported)
 from .loading import config_hash, family_of
 from .processing import format_prompt, prepare_batch, tokenizer_of
 from .provenance import package_versions
@@ -41,28 +45,6 @@ class RecordSettings:
     batch_size: int = 1
     seed: int = 0  # torch seed set before decoding (decoding is greedy; kept for provenance)
     temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES  # τ of the recorded VisionPulse budget signal
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, collapse spaces (exact-match scoring)."""
-    text = re.sub(r"[^\w\s]", " ", text.lower())
-    return " ".join(w for w in text.split() if w not in {"a", "an", "the"})
-
-
-def final_answer(generated: str) -> str:
-    """The final answer of a generated trace: the words after its last ``answer`` word, or the
-    whole text when it has none (a model that answers directly)."""
-    words = generated.split()
-    marks = [i for i, w in enumerate(words) if normalize_answer(w) == "answer"]
-    return " ".join(words[marks[-1] + 1 :]) if marks else generated
-
-
-def is_correct(generated: str, reference: str | None) -> bool | None:
-    """Exact match of :func:`final_answer` with the reference after :func:`normalize_answer`;
-    None when the example has no reference."""
-    if reference is None:
-        return None
-    return normalize_answer(final_answer(generated)) == normalize_answer(reference)
 
 
 def build_manifest(model: Any, model_path: str, dataset: VisionDataset, settings: RecordSettings,
@@ -101,22 +83,32 @@ def _batches(examples: Sequence[Example], size: int) -> Iterator[list[Example]]:
 
 def sample_tables(
     example: Example, dataset_name: str, trace: SampleTrace, token_ids: list[int], tokenizer: Any,
-    grid_shape: list[int],
+    grid_shape: list[int], *, kept: KeptTrace | None = None, scorer: Scorer | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame, dict[str, np.ndarray]]:  # fmt: skip
-    """The samples row, steps rows and score arrays of one recorded sample."""
+    """The samples row, steps rows and arrays of one recorded sample.
+
+    With ``kept`` (a pruned generation) the steps gain ``kept`` (visible visual tokens at that
+    step and layer) and the arrays ``kept_bits``: the visible sets at the pruner's boundary
+    layers, [S, boundaries, ceil(N_v / 8)] uint8 (``np.packbits`` along the last axis, little
+    bit order). ``scorer`` decides ``correct`` (default: exact match of the final answer).
+    """
     token_ids = token_ids[: trace.n_steps]
     texts = tokenizer.convert_ids_to_tokens(token_ids)
     generated = tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+    correct = (scorer.score(generated, example.answer, example.choices) if scorer is not None
+               else is_correct(generated, example.answer))  # fmt: skip
     sample = {
         "sample_id": example.id,
         "dataset": dataset_name,
         "prompt": example.question,
         "generated_text": generated,
         "reference_answer": example.answer,
-        "correct": is_correct(generated, example.answer),
+        "correct": correct,
         "steps": trace.n_steps,
         "n_visual": trace.n_visual,
         "grid_shape": list(grid_shape),
+        **(extra or {}),
     }
     n_steps, n_layers = trace.mass.shape
     steps = pd.DataFrame(
@@ -135,6 +127,10 @@ def sample_tables(
     for k, tau in enumerate(trace.temperatures):
         steps[f"max_head_mass@tau={tau:g}"] = trace.tau_max_head_mass[:, :, k].reshape(-1)
     arrays = {"scores": trace.scores.astype(SCORE_DTYPE), "max_scores": trace.max_scores.astype(np.float32)}
+    if kept is not None:
+        layer_index = np.asarray(trace.layers)
+        steps["kept"] = kept.counts[:n_steps][:, layer_index].reshape(-1).astype(np.int32)
+        arrays["kept_bits"] = np.packbits(kept.masks[:n_steps], axis=-1, bitorder="little")
     return sample, steps, arrays
 
 
@@ -147,11 +143,17 @@ def record_dataset(
     *,
     model_path: str = "",
     progress: bool = True,
+    pruning: PruningPlan | None = None,
+    scorer: Scorer | None = None,
 ) -> Run:
     """Record every example of ``dataset`` into the run directory ``out`` and return it opened.
 
     Samples already committed in ``out`` are skipped. Examples are generated greedily in batches
-    of ``settings.batch_size`` (left-padded) under a :class:`~vpstudy.recorder.Recorder`.
+    of ``settings.batch_size`` (left-padded) under a :class:`~vpstudy.recorder.Recorder`; with
+    ``pruning``, also under a :class:`~vpstudy.pruning.Pruner` in mask mode inside it, so the
+    recorder sees the attention the pruned model computes. Each samples row holds the wall time
+    of its batch's prefill and decode forwards (``batch_prefill_s``, ``batch_decode_s``,
+    ``batch_decode_steps``, ``batch``), measured with the recorder on.
 
     Raises:
         RunStoreError: ``out`` holds another schema or a run with different settings.
@@ -163,6 +165,12 @@ def record_dataset(
                         temperatures=settings.temperatures)  # fmt: skip
     thresholds = [t.label for t in recorder.thresholds]
     manifest = build_manifest(model, model_path, dataset, settings, recorder.layers, thresholds)
+    if pruning is not None:
+        manifest |= {"method": pruning.description(), "budget_rule": pruning.rule_json(), "kept_boundaries": None,
+                     "scorer": scorer.name if scorer is not None else "exact_match"}  # fmt: skip
+        manifest["kept_boundaries"] = Pruner(model, pruning.methods).boundaries
+    elif scorer is not None:
+        manifest["scorer"] = scorer.name
     writer = RunWriter(out, manifest, compare_keys=RESUME_KEYS)
     done = writer.done_ids
     todo = [ex for ex in dataset if ex.id not in done]
@@ -170,22 +178,62 @@ def record_dataset(
     torch.manual_seed(settings.seed)
     image_processor = getattr(processor, "image_processor", None)
     context = {"config": model.config, "image_processor": image_processor}
-    bar = tqdm(total=len(todo), desc=f"record {dataset.name}", unit="sample", disable=not progress)
-    with bar, recorder, torch.inference_mode():
+    label = dataset.name if pruning is None else f"{pruning.name} {dataset.name}"
+    bar = tqdm(total=len(todo), desc=f"record {label}", unit="sample", disable=not progress)
+    pruner = Pruner(model, pruning.methods, mode="mask", seed=settings.seed) if pruning is not None else nullcontext()
+    timer = _ForwardTimer(model)
+    with bar, recorder, pruner, timer, torch.inference_mode():
         for batch in _batches(todo, settings.batch_size):
             images = [ex.image() for ex in batch]
             prompts = [format_prompt(processor, spec, ex.question) for ex in batch]
             inputs = prepare_batch(processor, spec, model.config, prompts, images).to(model.device)
+            timer.reset()
             output = model.generate(
                 **inputs, max_new_tokens=settings.max_new_tokens, do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
             )  # fmt: skip
             generated = output[:, inputs["input_ids"].shape[1] :].tolist()
+            kept = pruner.kept() if pruning is not None else [None] * len(batch)
+            timing = {"batch": writer.next_seq, **timer.summary()}  # the batch's first commit number: unique
             for b, (example, trace) in enumerate(zip(batch, recorder.traces(), strict=True)):
                 grid = spec.grid_shape(inputs, b, context | {"n_visual": trace.n_visual})
-                writer.write_sample(*sample_tables(example, dataset.name, trace, generated[b], tokenizer, grid))
+                writer.write_sample(*sample_tables(example, dataset.name, trace, generated[b], tokenizer, grid,
+                                                   kept=kept[b], scorer=scorer, extra=timing))  # fmt: skip
             bar.update(len(batch))
     return open_run(out)
+
+
+class _ForwardTimer:
+    """Wall time of the model's forward passes within one ``generate`` call: the first is the
+    prefill, the others are decode steps."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._hooks: list[Any] = []
+        self._start = 0.0
+        self.times: list[float] = []
+
+    def __enter__(self) -> _ForwardTimer:
+        self._hooks = [self.model.register_forward_pre_hook(self._before),
+                       self.model.register_forward_hook(self._after)]  # fmt: skip
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def _before(self, *_: Any) -> None:
+        self._start = time.perf_counter()
+
+    def _after(self, *_: Any) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+    def reset(self) -> None:
+        self.times = []
+
+    def summary(self) -> dict[str, float | int]:
+        return {"batch_prefill_s": self.times[0] if self.times else 0.0, "batch_decode_s": float(sum(self.times[1:])),
+                "batch_decode_steps": max(0, len(self.times) - 1)}  # fmt: skip
 
 
 def summary_line(run: Run) -> str:

@@ -1,14 +1,14 @@
 """``vpstudy demo``: the main job on the shipped organism, end to end on CPU.
 
-record (the shipped organism on its evaluation set) → analyze → fit a budget rule → figures →
-``report.md``. Everything goes under one output directory::
+record (the shipped organism on its evaluation set) → analyze → fit a budget rule → evaluate
+every pruning method on the same samples (the fitted rule included) → figures → ``report.md``.
+Everything goes under one output directory::
 
-    OUT/run/                 the recorded run (resumes if rerun), with run/analysis/
+    OUT/run/                 the dense recorded run (resumes if rerun), with run/analysis/
     OUT/budget_rule.json     the fitted rule
+    OUT/compare/             one run per pruning method (+ eval.json), comparison.csv / .md
     OUT/figures/             PNG + PDF
-    OUT/report.md            findings with their intervals, the rule, the figures
-
-Pruning and its evaluation join the pipeline with the pruning issue.
+    OUT/report.md            findings with their intervals, the rule, the comparison, the figures
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, progre
     from .budget import fit_budget
     from .collect import RecordSettings, record_dataset, summary_line
     from .datasets import load_dataset
+    from .evaluation import compare
     from .figures import write_figures
     from .loading import ModelLoadError, load
     from .organism.shipped import eval_set_path, organism_dir
@@ -66,23 +67,28 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, progre
         if progress:
             print(message, flush=True)
 
-    say(f"[1/4] record {settings.samples} examples with {model_dir}")
+    say(f"[1/5] record {settings.samples} examples with {model_dir}")
     model, processor = load(model_dir)
     dataset = load_dataset(eval_set_path(), limit=settings.samples)
     record = RecordSettings(max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
     run = record_dataset(model, processor, dataset, out / "run", record, model_path=str(model_dir), progress=progress)
     summary = summary_line(run)
 
-    say("[2/4] analyze")
+    say("[2/5] analyze")
     result = analyze(run, settings=settings.analysis, progress=progress)
     layer = result["analysis_layer"]
 
-    say(f"[3/4] fit a budget rule at layer {layer}, δ={settings.delta}")
+    say(f"[3/5] fit a budget rule at layer {layer}, δ={settings.delta}")
     rule = fit_budget(run, layer=layer, delta=settings.delta, seed=settings.analysis.seed)
     rule_path = rule.save(out / "budget_rule.json")
 
-    say("[4/4] figures and report")
-    figures = write_figures([run.path], out / "figures", layer=layer, rule=rule_path, progress=progress)
+    say("[4/5] evaluate every pruning method on the same samples (dense = the recording above)")
+    table = compare(model, processor, dataset, out / "compare", settings=record, rule=rule, dense=run,
+                    model_path=str(model_dir), progress=progress)  # fmt: skip
+
+    say("[5/5] figures and report")
+    figures = write_figures([run.path], out / "figures", layer=layer, rule=rule_path, progress=progress,
+                            comparisons=[out / "compare" / "comparison.csv"])  # fmt: skip
     report_path = out / "report.md"
     commands = [
         command,
@@ -91,10 +97,13 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, progre
         f"--max-new-tokens {settings.max_new_tokens} --batch-size {settings.batch_size} --out {out / 'run'}",
         f"vpstudy analyze {out / 'run'} --n-boot {settings.analysis.n_boot} --n-perm {settings.analysis.n_perm}",
         f"vpstudy fit-budget {out / 'run'} --layer {layer} --delta {shlex.quote(settings.delta)} --out {rule_path} --overwrite",
-        f"vpstudy figures {out / 'run'} --out {out / 'figures'} --rule {rule_path}",
+        f"vpstudy evaluate --model {model_dir} --data {eval_set_path()} --limit {settings.samples} --method all "
+        f"--rule {rule_path} --max-new-tokens {settings.max_new_tokens} --batch-size {settings.batch_size} "
+        f"--out {out / 'compare'}   # records its own dense row",
+        f"vpstudy figures {out / 'run'} --out {out / 'figures'} --rule {rule_path} --comparison {out / 'compare' / 'comparison.csv'}",
     ]
     text = render_report(title=f"vpstudy demo: the shipped {settings.family} organism", result=result, rule=rule,
                          figures=figures.written, skipped=[*result["skipped"], *figures.skipped], out=report_path,
-                         commands=commands, summary=summary)  # fmt: skip
+                         commands=commands, summary=summary, comparison=table)  # fmt: skip
     report_path.write_text(text, encoding="utf-8")
     return DemoResult(run.path, rule_path, report_path, list(figures.written), [*result["skipped"], *figures.skipped], summary)

@@ -55,9 +55,21 @@ def _load_processor(source: str, spec: FamilySpec, config: Any) -> Any:
     return FallbackProcessor(spec, tokenizer, image_processor, config)
 
 
+_LOCATION_KEYS = ("_name_or_path", "_commit_hash")  # where a config was loaded from, not what the model is
+
+
+def _without_location(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_location(v) for k, v in value.items() if k not in _LOCATION_KEYS}
+    return value
+
+
 def config_hash(config: Any) -> str:
-    """A short stable hash of a model config (sha256 of its sorted JSON), to tell models apart."""
-    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    """A short stable hash of a model config (sha256 of its sorted JSON), to tell models apart.
+
+    The path the config was loaded from (``_name_or_path``) is left out, so the same model
+    loaded as ``data/x`` or ``/abs/data/x`` has one hash."""
+    text = json.dumps(_without_location(config.to_dict()), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from .budget import BudgetRule
 
 
@@ -123,8 +125,57 @@ def rule_lines(rule: BudgetRule) -> list[str]:
     return lines
 
 
+def pruning_findings(table: pd.DataFrame) -> list[str]:
+    """Sentences on the comparison table (``vpstudy evaluate --method all``), read off its rows."""
+    rows = {r["method"]: r for r in table.to_dict(orient="records")}
+    dense = rows.get("dense")
+    out: list[str] = []
+
+    def delta(r: dict[str, Any]) -> str:
+        return f"{100 * r['delta_vs_dense']:+.1f} points [{100 * r['delta_low']:+.1f}, {100 * r['delta_high']:+.1f}]"
+
+    def acc(r: dict[str, Any]) -> str:
+        return f"{100 * r['accuracy']:.1f}% [{100 * r['accuracy_low']:.1f}, {100 * r['accuracy_high']:.1f}]"
+
+    if dense is None:
+        return out
+    pulse = rows.get("visionpulse-5")
+    if pulse is not None and pulse.get("delta_vs_dense") is not None:
+        within = pulse["delta_low"] >= -0.02
+        out.append(
+            f"VisionPulse with the paper's ≤5% rule (τ = 0.1, r ∈ [1%, 5%]) keeps {100 * pulse['mean_kept_fraction']:.1f}% "
+            f"of the visual tokens per step and scores {acc(pulse)} against dense {acc(dense)}: {delta(pulse)} on the "
+            "same samples. " + ("Its interval stays within 2 points of dense." if within else
+            "That is not within 2 points of dense: the paper's claim (98.2% of full accuracy at ≤5%) does not hold "
+            "on this organism.")
+        )  # fmt: skip
+    static = [rows[k] for k in rows if k.split("-")[0] in ("static_topk", "fastv", "pyramiddrop")]
+    if static:
+        out.append("Static methods at about the same budget: " + "; ".join(
+            f"{r['method']} keeps {100 * r['mean_kept_fraction']:.1f}%, {delta(r)}" for r in static) + ".")
+    step, fixed = rows.get("topk-5"), rows.get("static_topk-5")
+    if step is not None and fixed is not None:
+        if step["accuracy_low"] > fixed["accuracy_high"]:
+            verdict = "the per-step choice is better (the intervals do not overlap): the same budget, spent on a set that follows the trace"  # fmt: skip
+        else:
+            verdict = "the intervals overlap, so this sample does not separate them"
+        out.append(f"Top 5% chosen again at every step: {acc(step)}; chosen once at the prefill: {acc(fixed)}; {verdict}.")
+    fitted = rows.get("visionpulse-fitted")
+    if fitted is not None:
+        out.append(f"The fitted rule keeps {100 * fitted['mean_kept_fraction']:.1f}% per step and scores {acc(fitted)} "
+                   f"({delta(fitted)}); the paper's rules keep " + ", ".join(
+                       f"{100 * rows[k]['mean_kept_fraction']:.1f}% ({k}: {acc(rows[k])})"
+                       for k in ("visionpulse-5", "visionpulse-10") if k in rows) + ".")  # fmt: skip
+    rand = rows.get("random-like-visionpulse-5")
+    if rand is not None and pulse is not None:
+        out.append(f"A random set of the same mean size as VisionPulse's ({100 * rand['mean_kept_fraction']:.1f}%) "
+                   f"scores {acc(rand)} ({delta(rand)}).")  # fmt: skip
+    return out
+
+
 def render_report(*, title: str, result: dict[str, Any], rule: BudgetRule | None, figures: Sequence[Path],
-                  skipped: Sequence[str], out: Path, commands: Sequence[str], summary: str) -> str:  # fmt: skip
+                  skipped: Sequence[str], out: Path, commands: Sequence[str], summary: str,
+                  comparison: pd.DataFrame | None = None) -> str:  # fmt: skip
     """``report.md``: what ran, the findings with their intervals, the rule, the figures.
 
     Args:
@@ -151,6 +202,14 @@ def render_report(*, title: str, result: dict[str, Any], rule: BudgetRule | None
     parts += ["", "## All headline numbers", ""] + [f"- {line}" for line in headline_lines(result)[1:]]
     if rule is not None:
         parts += ["", "## Fitted budget rule", ""] + [f"- {line.strip()}" for line in rule_lines(rule)]
+    if comparison is not None and len(comparison):
+        from .evaluation import comparison_markdown
+
+        parts += ["", "## Pruning on the same samples", "",
+                  "Every method decodes the same samples greedily; Δ is the paired accuracy difference to dense "
+                  "with a 95% bootstrap interval over samples; kept is the share of visual tokens visible at the "
+                  "deepest layer per decode step.", ""]  # fmt: skip
+        parts += [f"- {line}" for line in pruning_findings(comparison)] + ["", comparison_markdown(comparison)]
     pngs = [f for f in figures if f.suffix == ".png"]
     if pngs:
         parts += ["", "## Figures", ""]

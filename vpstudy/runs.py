@@ -181,6 +181,11 @@ class RunWriter:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     @property
+    def next_seq(self) -> int:
+        """Commit number the next sample will get (unique within the run, also across resumes)."""
+        return self._next_seq
+
+    @property
     def done_ids(self) -> set[str]:
         """Sample ids already committed to this run."""
         return set(self._parts)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..collect import final_answer
+from ..scoring import final_answer
 from ..families import get_family
 from ..loading import quiet_transformers
 from ..processing import format_prompt, prepare_batch, tokenizer_of
