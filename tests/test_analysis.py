@@ -41,9 +41,9 @@ def test_analyze_writes_stats_json_and_tidy_tables(analyzed):
              "mass_contrast", "localization"}  # fmt: skip
     assert {p.stem for p in folder.glob("*.csv")} == names
     assert json.loads((folder / "stats.json").read_text()) == result
-    assert result["analysis_layer"] == 2 and result["skipped"] == []
+    assert result["analysis_layer"] == 3 and result["skipped"] == []  # the anchor depth of 6 layers
     corr = pd.read_csv(folder / "correlations.csv")
-    assert len(corr) == 4 * 6 and set(corr["delta"]) == {"0.0005", "0.001", "0.0015", "0.002", "1/Nv", "2/Nv"}
+    assert len(corr) == 6 * 6 and set(corr["delta"]) == {"0.0005", "0.001", "0.0015", "0.002", "1/Nv", "2/Nv"}
 
 
 def test_correlations_are_recomputable_from_steps_parquet_with_pandas(analyzed):
@@ -144,7 +144,7 @@ def test_annotations_stop_at_the_first_divergence(tmp_path):
 
 
 def test_default_layer_is_the_recorded_layer_at_anchor_depth(organism_run):
-    assert default_layer(vpstudy.open_run(organism_run)) == 2
+    assert default_layer(vpstudy.open_run(organism_run)) == 3  # round(17 / 36 · 6)
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def _rewrite_steps(run_dir, change):
         ("empty run", [], r"the run holds no recorded samples"),
         ("nan mass", [], r"steps.parquet has NaN in 'mass' \(sample 'organism-0000', step 0, layer 0\)"),
         ("nan scores", [], r"score array of sample 'organism-0000' holds NaN"),
-        ("layer not recorded", ["--layer", "9"], r"layer 9 was not recorded \(recorded layers: \[0, 1, 2, 3\]\)"),
+        ("layer not recorded", ["--layer", "9"], r"layer 9 was not recorded \(recorded layers: \[0, 1, 2, 3, 4, 5\]\)"),
         ("not a run", [], r"no such run directory"),
     ],
 )
@@ -205,7 +205,7 @@ def test_analyze_cli_prints_the_headline(organism_run, tmp_path, capsys):
     shutil.copytree(organism_run, run_dir)
     assert main(["analyze", str(run_dir), "--n-boot", "50", "--n-perm", "50"]) == 0
     out = capsys.readouterr().out
-    assert "analysis layer 2" in out and "Pearson r" in out and "localization at the analysis layer (2)" in out
+    assert "analysis layer 3" in out and "Pearson r" in out and "localization at the analysis layer (3)" in out
     assert (run_dir / "analysis" / "stats.json").is_file()
 
 

@@ -69,18 +69,18 @@ def test_eval_json_is_recomputable_from_the_run(evaluated):
     steps = pd.read_parquet(evaluated / "pulse" / "steps.parquet")
     assert result["samples"] == 12 and result["accuracy"] == pytest.approx(samples["correct"].mean())
     assert result["mean_length"] == pytest.approx(samples["steps"].mean())
-    deepest = steps[(steps["layer"] == 3) & (steps["step"] >= 1)].merge(samples[["sample_id", "n_visual"]])
+    deepest = steps[(steps["layer"] == 5) & (steps["step"] >= 1)].merge(samples[["sample_id", "n_visual"]])
     assert result["kept_fraction"]["mean"] == pytest.approx((deepest["kept"] / deepest["n_visual"]).mean())
     assert result["method"]["name"] == "visionpulse" and run.manifest["method"]["methods"][0]["tau"] == 0.1
-    # the paper's ≤5% rule: 1..3 of the organism's 64 visual tokens at layers >= the anchor (2), all below
+    # the paper's ≤5% rule: 1..3 of the organism's 64 visual tokens at layers >= the anchor (3 of 6), all below
     decode = steps[steps["step"] >= 1]
-    assert decode[decode["layer"] < 2]["kept"].eq(64).all()
-    assert decode[decode["layer"] >= 2]["kept"].between(1, 3).all()
+    assert decode[decode["layer"] < 3]["kept"].eq(64).all()
+    assert decode[decode["layer"] >= 3]["kept"].between(1, 3).all()
     assert steps[steps["step"] == 0]["kept"].eq(64).all()  # the prefill stays dense
     # the kept sets in the arrays agree with the counts
     for sample_id in run.sample_ids[:4]:
         bits = np.unpackbits(np.asarray(run.arrays(sample_id)["kept_bits"]), axis=-1, bitorder="little")[..., :64]
-        counts = steps[(steps["sample_id"] == sample_id) & (steps["layer"] == 2)]["kept"].to_numpy()
+        counts = steps[(steps["sample_id"] == sample_id) & (steps["layer"] == 3)]["kept"].to_numpy()
         np.testing.assert_array_equal(bits[:, 0].sum(-1), counts)
     dense = pd.read_parquet(evaluated / "dense" / "samples.parquet").set_index("sample_id")
     mine = samples.set_index("sample_id")
@@ -100,16 +100,16 @@ def test_keeping_every_token_reproduces_the_dense_run(evaluated):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--method", "topk", "--set", "anchor=7"], r"topk: anchor layer 7 out of range: the text model has 4 layers"),
+        (["--method", "topk", "--set", "anchor=7"], r"topk: anchor layer 7 out of range: the text model has 6 layers"),
         (["--method", "topk", "--set", "ratio=0"], r"topk: ratio must be in \(0, 1\], got 0.0"),
         (["--method", "nope"], r"unknown pruning method 'nope'"),
-        (["--method", "visionpulse", "--rule", "RULE", "--set", "anchor=3"], r"fitted at layer 2, not layer 3"),
+        (["--method", "visionpulse", "--rule", "RULE", "--set", "anchor=4"], r"fitted at layer 3, not layer 4"),
         (["--method", "visionpulse", "--rule", "FOREIGN"], r"was fitted on model /elsewhere \(config other\), not this one"),
         (["--method", "topk", "--scorer", "bleu"], r"unknown scorer 'bleu'"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(extra, message, tmp_path, capsys):
-    rule = BudgetRule(signal="mass", b_min=0.01, b_max=0.2, slope=0.2, layer=2,
+    rule = BudgetRule(signal="mass", b_min=0.01, b_max=0.2, slope=0.2, layer=3,
                       model={"config_hash": vpstudy.loading.config_hash(vpstudy.load(MODEL)[0].config), "path": MODEL})  # fmt: skip
     rule.save(tmp_path / "rule.json")
     BudgetRule(signal="mass", b_min=0.01, b_max=0.2, layer=2, model={"config_hash": "other", "path": "/elsewhere"}).save(

@@ -147,13 +147,14 @@ def _demo(args: argparse.Namespace) -> str:
 
 
 def _train_organism(args: argparse.Namespace) -> str:
-    from .organism.model import Architecture
+    from .organism.model import default_architecture
     from .organism.train import TrainSettings, train
 
     settings = TrainSettings(
         family=args.family, seed=args.seed, steps=args.steps, batch_size=args.batch_size, threads=args.threads,
         eval_every=args.eval_every, probe_weight=args.probe_weight, lr=args.lr,
-        arch=Architecture(text_layers=args.text_layers, text_hidden=args.text_hidden),
+        arch=default_architecture(args.family, **{k: v for k, v in (("text_layers", args.text_layers),
+                                                                    ("text_hidden", args.text_hidden)) if v is not None}),
     )  # fmt: skip
     manifest = train(settings, args.out, overwrite=args.overwrite)
     val = manifest["final_validation"]
@@ -207,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     org.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 1e-3)")
     org.add_argument("--probe-weight", type=float, default=1.0,
                      help="weight of the training-only patch probe loss on the vision features (default: 1)")
-    org.add_argument("--text-layers", type=_positive, default=4)
-    org.add_argument("--text-hidden", type=_positive, default=128)
+    org.add_argument("--text-layers", type=_positive, default=None,
+                     help="text decoder layers (default: the shipped organism's: llava 6, qwen2_vl 4)")
+    org.add_argument("--text-hidden", type=_positive, default=None, help="text width (default: 128)")
     org.add_argument("--overwrite", action="store_true", help="replace an output directory holding another model")
     org.set_defaults(run=_train_organism)
 

@@ -45,6 +45,19 @@ class DemoResult:
     summary: str
 
 
+def _anchor_variants(result: dict) -> list:
+    """VisionPulse ≤5% and its static control anchored at the layer that localizes best in the
+    analysis (when that is not the default anchor): does the anchor's depth matter?"""
+    from .evaluation import PlannedRun
+
+    best = (result["headline"].get("localization_best") or [{}])[0].get("layer")
+    if best is None or best == result["analysis_layer"]:
+        return []
+    paper = {"tau": "0.1", "b_min": "0.01", "b_max": "0.05", "anchor": str(best)}
+    return [PlannedRun(f"visionpulse-5-anchor{best}", "visionpulse", paper),
+            PlannedRun(f"static_topk-5-anchor{best}", "static_topk", {"ratio": "0.05", "anchor": str(best)})]
+
+
 def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, progress: bool = True,
              command: str = "vpstudy demo") -> DemoResult:  # fmt: skip
     """Run the whole pipeline into ``out`` (see the module docstring)."""
@@ -84,7 +97,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, progre
 
     say("[4/5] evaluate every pruning method on the same samples (dense = the recording above)")
     table = compare(model, processor, dataset, out / "compare", settings=record, rule=rule, dense=run,
-                    model_path=str(model_dir), progress=progress)  # fmt: skip
+                    extra=_anchor_variants(result), model_path=str(model_dir), progress=progress)  # fmt: skip
 
     say("[5/5] figures and report")
     figures = write_figures([run.path], out / "figures", layer=layer, rule=rule_path, progress=progress,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,9 +169,10 @@ def comparison_plans(n_layers: int, *, budget: float = 0.05, rule: BudgetRule | 
 
 def compare(model: Any, processor: Any, dataset: Any, out: str | Path, *, settings: RecordSettings,
             rule: BudgetRule | None = None, scorer: Scorer | None = None, budget: float = 0.05,
-            dense: Run | None = None, model_path: str = "", progress: bool = True) -> pd.DataFrame:  # fmt: skip
-    """Run every plan of :func:`comparison_plans` into ``out/<label>/`` and write
-    ``out/comparison.csv`` and ``out/comparison.md``. Returns the table.
+            dense: Run | None = None, extra: Sequence[PlannedRun] = (), model_path: str = "",
+            progress: bool = True) -> pd.DataFrame:  # fmt: skip
+    """Run every plan of :func:`comparison_plans` (then ``extra``) into ``out/<label>/`` and
+    write ``out/comparison.csv`` and ``out/comparison.md``. Returns the table.
 
     ``dense``: an existing dense recording of the same samples and settings to use as the
     dense row (its ``eval.json`` is written into it) instead of recording one."""
@@ -180,7 +182,7 @@ def compare(model: Any, processor: Any, dataset: Any, out: str | Path, *, settin
     if dense is not None:
         results["dense"] = _clean(summarize(dense))
         (dense.path / EVAL_FILE).write_text(json.dumps(results["dense"], indent=2) + "\n", encoding="utf-8")
-    for planned in comparison_plans(n_layers, budget=budget, rule=rule):
+    for planned in [*comparison_plans(n_layers, budget=budget, rule=rule), *extra]:
         if planned.label in results:
             continue
         values = dict(planned.settings)

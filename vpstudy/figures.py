@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -44,6 +45,7 @@ from tqdm.auto import tqdm
 from .analysis import default_layer
 from .budget import BudgetRule, BudgetRuleError
 from .datasets import DatasetError, load_dataset
+from .pruning.selection import top_p_mask
 from .runs import Run, open_run
 from .stats import (
     AnalysisError,
@@ -395,18 +397,17 @@ def top_p_counts(scores: np.ndarray, p: float) -> np.ndarray:
         p: share of the visual mass to cover, in (0, 1].
 
     Returns:
-        [S] int64 counts in 1..N_v (1 for a step with no visual mass). Ties at the boundary are
-        resolved in favour of the smaller set (a relative tolerance of 1e-9).
+        [S] int64 counts in 1..N_v (1 for a step with no visual mass). A share reached up to a
+        relative 1e-6 counts as reached (float error never adds a token).
     """
     if not 0 < p <= 1:
         raise ValueError(f"top-p share must be in (0, 1], got {p}")
     values = np.asarray(scores, dtype=np.float64)
     if values.ndim != 2 or values.shape[1] == 0:
         raise ValueError(f"scores must be [steps, N_v] with N_v > 0, got shape {values.shape}")
-    cumulative = np.cumsum(-np.sort(-values, axis=1), axis=1)  # [S, N_v], descending scores
-    target = p * cumulative[:, -1:] * (1 - 1e-9)
-    counts = (cumulative < target).sum(axis=1) + 1
-    return np.clip(counts, 1, values.shape[1]).astype(np.int64)
+    probs = torch.from_numpy(values)
+    # the pruner's own selection (vpstudy.pruning.TopP), so the figure shows what top-p keeps
+    return top_p_mask(probs, p, torch.ones_like(probs, dtype=torch.bool)).sum(-1).numpy().astype(np.int64)
 
 
 def _fixed_rule(ratio: float) -> BudgetRule:

@@ -24,7 +24,6 @@ back and the hook removed.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 
 from .attention import visual_row
 from .families import FamilySpec, TextGeometry
+from .hooks import Installation
 from .loading import family_of
 
 DEFAULT_THRESHOLDS: tuple[str, ...] = ("0.0005", "0.001", "0.0015", "0.002", "1/Nv", "2/Nv")
@@ -134,37 +134,16 @@ class _Generation:
 _ACTIVE: dict[int, Recorder] = {}
 
 
-def _base_function(module: Any, base: str) -> Callable[..., Any]:
-    """The attention function the text backbone used before recording (``sdpa``, ``eager``, ...)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if base == "eager":  # not in the registry: each model module defines its own
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[base]
-
-
-def _register(base: str) -> str:
-    """Register ``vpstudy_record_<base>`` (attention + mask function) once; return its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
-
-    name = RECORD_PREFIX + base
-    if name in AttentionInterface._global_mapping:
-        return name
-
-    def recording_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:  # fmt: skip
-        output = _base_function(module, base)(module, query, key, value, attention_mask, **kwargs)
-        recorder = _ACTIVE.get(id(module))
-        if recorder is not None:
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            recorder._observe(module.layer_idx, query, key, attention_mask, scaling)
-        return output
-
-    mask_function = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base, sdpa_mask)
-    AttentionInterface.register(name, recording_attention)
-    AttentionMaskInterface.register(name, mask_function)
-    return name
+def _recording(function: Callable[..., Any], base: str, module: Any, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:  # fmt: skip
+    """The recording hook (:mod:`vpstudy.hooks`): run the base backend unchanged, then let the
+    recorder installed on this module compute the step's visual row from q and the cached k."""
+    output = function(module, query, key, value, attention_mask, **kwargs)
+    recorder = _ACTIVE.get(id(module))
+    if recorder is not None:
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        recorder._observe(module.layer_idx, query, key, attention_mask, scaling)
+    return output
 
 
 def _eos_ids(model: Any) -> list[int]:
@@ -216,42 +195,21 @@ class Recorder:
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(model)
         self._position = {layer: i for i, layer in enumerate(self.layers)}
         self._state: _Generation | None = None
-        self._saved: list[tuple[Any, str | None]] = []
-        self._hook: Any = None
-        self._modules: list[Any] = []
+        self._installation: Installation | None = None
 
     # --- installing and restoring -------------------------------------------------------------
 
     def __enter__(self) -> Recorder:
-        text_config = self.model.config.get_text_config()
-        base = text_config._attn_implementation
-        if base.startswith(RECORD_PREFIX):
+        self._installation = Installation(self.model, RECORD_PREFIX, _recording,
+                                          [layer.self_attn for layer in self.spec.text_layer_modules(self.model)],
+                                          _ACTIVE, self, self._pre_forward)  # fmt: skip
+        if RECORD_PREFIX in self._installation.base:
             raise RecorderError("a vpstudy recorder is already installed on this model")
-        self._saved = [(c, c._attn_implementation) for c in self._all_configs()]
-        name = _register(base)
-        self.model.set_attn_implementation({"text_config": name})
-        self._modules = [layer.self_attn for layer in self.spec.text_layer_modules(self.model)]
-        for module in self._modules:
-            _ACTIVE[id(module)] = self
-        self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._installation.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._hook.remove()
-        for module in self._modules:
-            _ACTIVE.pop(id(module), None)
-        text_base = next(impl for config, impl in self._saved if config is self.model.config.get_text_config())
-        self.model.set_attn_implementation({"text_config": text_base})
-        for config, impl in self._saved:  # every (sub)config exactly as it was
-            config._attn_implementation_internal = impl
-
-    def _all_configs(self) -> list[Any]:
-        configs, queue = [], [self.model.config]
-        while queue:
-            config = queue.pop()
-            configs.append(config)
-            queue.extend(getattr(config, k) for k in config.sub_configs if getattr(config, k, None) is not None)
-        return configs
+        self._installation.__exit__(*exc)
 
     # --- tracing ------------------------------------------------------------------------------
 

@@ -166,6 +166,15 @@ def pruning_findings(table: pd.DataFrame) -> list[str]:
                    f"({delta(fitted)}); the paper's rules keep " + ", ".join(
                        f"{100 * rows[k]['mean_kept_fraction']:.1f}% ({k}: {acc(rows[k])})"
                        for k in ("visionpulse-5", "visionpulse-10") if k in rows) + ".")  # fmt: skip
+    for label, r in rows.items():
+        if label.startswith("visionpulse-5-anchor"):
+            layer = label.removeprefix("visionpulse-5-anchor")
+            control = rows.get(f"static_topk-5-anchor{layer}")
+            text = (f"Anchored at layer {layer} (where attention localizes best in the analysis) instead of the default "
+                    f"depth, VisionPulse ≤5% keeps {100 * r['mean_kept_fraction']:.1f}% and scores {acc(r)} ({delta(r)})")
+            if control is not None:
+                text += f"; the static top-5% chosen at the prefill at that layer scores {acc(control)} ({delta(control)})"
+            out.append(text + ".")
     rand = rows.get("random-like-visionpulse-5")
     if rand is not None and pulse is not None:
         out.append(f"A random set of the same mean size as VisionPulse's ({100 * rand['mean_kept_fraction']:.1f}%) "

@@ -46,7 +46,7 @@ from ..loading import quiet_transformers
 from ..processing import format_prompt, prepare_batch, tokenizer_of
 from ..provenance import package_versions
 from ..testing import BOS, EOS, PAD
-from .model import VISUAL_FEATURES, Architecture, OrganismError, Parts, build_parts, check_family
+from .model import VISUAL_FEATURES, Architecture, OrganismError, Parts, build_parts, check_family, default_architecture
 from .tasks import (GRID, N_CONTENT_CLASSES, QUESTION_TYPES, Example, content_classes, generate, generate_one,
                     token_cell_index)  # fmt: skip
 
@@ -72,7 +72,11 @@ class TrainSettings:
     threads: int = 1  # part of what makes the loss curve reproducible
     probe_weight: float = 1.0
     qtypes: tuple[str, ...] = QUESTION_TYPES
-    arch: Architecture = field(default_factory=Architecture)
+    arch: Architecture | None = None  # None: the shipped organism's (model.default_architecture)
+
+    def __post_init__(self) -> None:
+        if self.arch is None:
+            self.arch = default_architecture(self.family)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -242,7 +246,7 @@ def training_curve(settings: TrainSettings, n_steps: int) -> list[float]:
 
 def train_command(settings: TrainSettings, out: str | Path) -> str:
     """The ``vpstudy train-organism`` command line that reproduces ``settings``."""
-    default, arch = TrainSettings(), Architecture()
+    default, arch = TrainSettings(family=settings.family), default_architecture(settings.family)
     flags = [f"--family {settings.family}", f"--out {out}", f"--seed {settings.seed}"]
     for name in ("steps", "batch_size", "lr", "threads", "eval_every", "probe_weight"):
         if getattr(settings, name) != getattr(default, name):

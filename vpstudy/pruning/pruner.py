@@ -22,7 +22,6 @@ The pruner also keeps, per step, the visual tokens left visible at every layer
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch
 
 from ..attention import apply_row_mask, row_logits
 from ..families import FamilySpec, TextGeometry
+from ..hooks import Installation
 from ..loading import config_hash, family_of
 from .methods import Decision, PruningError, PruningMethod, Stage
 
@@ -52,33 +52,13 @@ def _final_base(name: str) -> str:
             return name
 
 
-def _base_function(module: Any, base: str) -> Callable[..., Any]:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if base == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[base]
-
-
-def _register(base: str) -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
-
-    name = PRUNE_PREFIX + base
-    if name in AttentionInterface._global_mapping:
-        return name
-
-    def pruning_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:  # fmt: skip
-        function = _base_function(module, base)
-        pruner = _ACTIVE.get(id(module))
-        if pruner is None:
-            return function(module, query, key, value, attention_mask, **kwargs)
-        return pruner._attend(function, _final_base(base), module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register(name, pruning_attention)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base, sdpa_mask))
-    return name
+def _pruning(function: Callable[..., Any], base: str, module: Any, query: torch.Tensor, key: torch.Tensor,
+             value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:  # fmt: skip
+    """The pruning hook (:mod:`vpstudy.hooks`): hand the call to the pruner installed on this module."""
+    pruner = _ACTIVE.get(id(module))
+    if pruner is None:
+        return function(module, query, key, value, attention_mask, **kwargs)
+    return pruner._attend(function, _final_base(base), module, query, key, value, attention_mask, **kwargs)
 
 
 @dataclass
@@ -92,8 +72,9 @@ class _Generation:
     step: int = 0
     persistent: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (method, stage) -> keep [B, N]
     current: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # this forward's step-wise keeps
-    kept_counts: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per step: layer -> [B]
+    kept_counts: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per step: layer -> visible [B, N]
     kept_masks: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per step: boundary layer -> [B, N]
+    cache: dict[Any, Any] = field(default_factory=dict)  # this forward: decisions applied -> mask or gather plan
 
 
 @dataclass
@@ -143,37 +124,27 @@ class Pruner:
             (i, s, stage) for i in order for s, stage in enumerate(self.methods[i].stages(self.n_layers))
         ]
         self.boundaries = sorted({stage.acts_from for _, _, stage in self.stages})
+        self._first_layer = min(min(stage.decide_at, stage.acts_from) for _, _, stage in self.stages)
         self._state: _Generation | None = None
         self.decision_s = 0.0  # wall time of decode-step decisions (signal, budget, top-K), for benchmarks
-        self._saved: list[tuple[Any, str | None]] = []
-        self._modules: list[Any] = []
-        self._hook: Any = None
+        self._installation: Installation | None = None
 
     # --- installing and restoring ------------------------------------------------------------
 
     def __enter__(self) -> Pruner:
-        text_config = self.model.config.get_text_config()
-        base = text_config._attn_implementation
-        if base.startswith(PRUNE_PREFIX):
+        self._installation = Installation(self.model, PRUNE_PREFIX, _pruning,
+                                          [layer.self_attn for layer in self.spec.text_layer_modules(self.model)],
+                                          _ACTIVE, self, self._pre_forward)  # fmt: skip
+        base = self._installation.base
+        if PRUNE_PREFIX in base:
             raise PruningError("a vpstudy pruner is already installed on this model; pass all methods to one Pruner")
-        if self.mode == "physical" and base.startswith("vpstudy_record_"):
+        if self.mode == "physical" and "vpstudy_record_" in base:
             raise PruningError("physical mode cannot run under the recorder (it changes the keys); use mode='mask'")
-        self._saved = [(c, c._attn_implementation) for c in _all_configs(self.model.config)]
-        self.model.set_attn_implementation({"text_config": _register(base)})
-        self._modules = [layer.self_attn for layer in self.spec.text_layer_modules(self.model)]
-        for module in self._modules:
-            _ACTIVE[id(module)] = self
-        self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._installation.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._hook.remove()
-        for module in self._modules:
-            _ACTIVE.pop(id(module), None)
-        text_base = next(impl for config, impl in self._saved if config is self.model.config.get_text_config())
-        self.model.set_attn_implementation({"text_config": text_base})
-        for config, impl in self._saved:
-            config._attn_implementation_internal = impl
+        self._installation.__exit__(*exc)
 
     # --- per forward -------------------------------------------------------------------------
 
@@ -188,6 +159,7 @@ class Pruner:
             self._state.step += 1
         if self._state is not None:
             self._state.current = {}
+            self._state.cache = {}
             self._state.kept_counts.append({})
             self._state.kept_masks.append({})
 
@@ -209,10 +181,10 @@ class Pruner:
                 key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
                 **kwargs: Any) -> tuple[torch.Tensor, Any]:  # fmt: skip
         state, layer = self._state, module.layer_idx
-        if state is None:
+        if state is None or layer < self._first_layer:  # no stage decides or acts this shallow
             return function(module, query, key, value, attention_mask, **kwargs)
         prefill = query.shape[2] > 1
-        allowed = self._allowed(state, layer, prefill)
+        allowed, applied = self._allowed(state, layer, prefill)
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         started = time.perf_counter()
         decided = False
@@ -228,23 +200,36 @@ class Pruner:
             decided = True
             (state.current if method.step_wise else state.persistent)[(i, s)] = keep
             if stage.acts_from <= layer and (method.step_wise or not getattr(method, "dense_prefill", False)):
-                allowed = allowed & keep
+                allowed, applied = allowed & keep, (*applied, (i, s))
         if decided and not prefill:
             self.decision_s += time.perf_counter() - started
-        state.kept_counts[-1][layer] = allowed.sum(-1)
+        state.kept_counts[-1][layer] = allowed
         if layer in self.boundaries:
             state.kept_masks[-1][layer] = allowed
-        hidden = self._hidden(state, allowed, key.shape[2])  # [B, T]
-        if not bool(hidden.any()):
+        if not applied:
             return function(module, query, key, value, attention_mask, **kwargs)
-        if self.mode == "physical" and not prefill:
-            return self._physical(function, final_base, module, query, key, value, attention_mask, hidden, **kwargs)
-        mask = _visible(attention_mask, query.shape[2], key.shape[2], query.device) & ~hidden[:, None, None, :]
-        return function(module, query, key, value, _as_mask(mask, final_base, query.dtype), **kwargs)
+        # layers that apply the same decisions share the hidden keys (and the gather plan)
+        cache_key = (applied, id(attention_mask), key.shape[2])
+        if cache_key not in state.cache:
+            hidden = self._hidden(state, allowed, key.shape[2])  # [B, T]
+            plan = None
+            if bool(hidden.any()) and self.mode == "physical" and not prefill:
+                plan = _gather_plan(hidden, attention_mask, final_base, query.dtype)
+            elif bool(hidden.any()):
+                visible = _visible(attention_mask, query.shape[2], key.shape[2], query.device) & ~hidden[:, None, None, :]
+                plan = _as_mask(visible, final_base, query.dtype)
+            state.cache[cache_key] = plan
+        plan = state.cache[cache_key]
+        if plan is None:
+            return function(module, query, key, value, attention_mask, **kwargs)
+        if isinstance(plan, _GatherPlan):
+            return function(module, query, plan.gather(key), plan.gather(value), plan.mask, **kwargs)
+        return function(module, query, key, value, plan, **kwargs)
 
-    def _allowed(self, state: _Generation, layer: int, prefill: bool) -> torch.Tensor:
-        """[B, N] real visual tokens visible at ``layer`` before this layer's own decisions."""
-        allowed = state.valid.clone()
+    def _allowed(self, state: _Generation, layer: int, prefill: bool) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
+        """[B, N] real visual tokens visible at ``layer`` before this layer's own decisions, and
+        which (method, stage) decisions that applies."""
+        allowed, applied = state.valid, ()
         for i, s, stage in self.stages:
             if stage.acts_from > layer:
                 continue
@@ -252,34 +237,17 @@ class Pruner:
             if not method.step_wise and (i, s) in state.persistent:
                 if prefill and getattr(method, "dense_prefill", False):
                     continue
-                allowed &= state.persistent[(i, s)]
+                allowed, applied = allowed & state.persistent[(i, s)], (*applied, (i, s))
             elif method.step_wise and (i, s) in state.current and stage.decide_at < layer:
-                allowed &= state.current[(i, s)]
-        return allowed
+                allowed, applied = allowed & state.current[(i, s)], (*applied, (i, s))
+        return allowed, applied
 
     @staticmethod
     def _hidden(state: _Generation, allowed: torch.Tensor, n_keys: int) -> torch.Tensor:
         """[B, T] bool: key positions of real visual tokens that are not allowed."""
-        hidden = torch.zeros(allowed.shape[0], n_keys, dtype=torch.bool, device=allowed.device)
-        return hidden.scatter(1, state.visual_index, state.valid & ~allowed)
-
-    def _physical(self, function: Callable[..., Any], final_base: str, module: Any, query: torch.Tensor,
-                  key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-                  hidden: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:  # fmt: skip
-        """Attend over the gathered keys that are not hidden (decode: one query row)."""
-        batch, kv_heads, n_keys, dim = key.shape
-        keep = ~hidden  # [B, T]
-        width = int(keep.sum(-1).max())
-        # kept positions first, in order; padding entries point at position 0 and are masked
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
-        pad = torch.arange(width, device=key.device).unsqueeze(0) >= keep.sum(-1, keepdim=True)
-        index = order.masked_fill(pad, 0)
-        gather = index[:, None, :, None].expand(batch, kv_heads, width, dim)
-        key_g, value_g = key.gather(2, gather), value.gather(2, gather.expand(batch, kv_heads, width, value.shape[-1]))
-        visible = _visible(attention_mask, 1, n_keys, query.device)  # [B, 1, 1, T]
-        visible = visible.expand(batch, visible.shape[1], 1, n_keys).gather(3, index[:, None, None, :].expand(batch, visible.shape[1], 1, width))  # fmt: skip
-        visible = visible & ~pad[:, None, None, :]
-        return function(module, query, key_g, value_g, _as_mask(visible, final_base, query.dtype), **kwargs)
+        # scatter_add, not scatter: padding entries share position 0 and must not overwrite a real one
+        hidden = torch.zeros(allowed.shape[0], n_keys, dtype=torch.int32, device=allowed.device)
+        return hidden.scatter_add(1, state.visual_index, (state.valid & ~allowed).to(torch.int32)) > 0
 
     # --- results -----------------------------------------------------------------------------
 
@@ -295,8 +263,8 @@ class Pruner:
         counts = np.repeat(np.repeat(full[None, None, :], self.n_layers, axis=1), n_steps, axis=0)  # [S, L, B]
         masks = np.ones((n_steps, len(self.boundaries), batch, state.valid.shape[1]), dtype=bool)
         for t, per_layer in enumerate(state.kept_counts):
-            for layer, value in per_layer.items():
-                counts[t, layer] = value.cpu().numpy()
+            for layer, allowed in per_layer.items():
+                counts[t, layer] = allowed.sum(-1).cpu().numpy()
             for j, layer in enumerate(self.boundaries):
                 if layer in state.kept_masks[t]:
                     masks[t, j] = state.kept_masks[t][layer].cpu().numpy()
@@ -306,15 +274,6 @@ class Pruner:
                       masks=masks[:, :, b, : int(valid[b].sum())].copy())  # fmt: skip
             for b in range(batch)
         ]
-
-
-def _all_configs(config: Any) -> list[Any]:
-    configs, queue = [], [config]
-    while queue:
-        c = queue.pop()
-        configs.append(c)
-        queue.extend(getattr(c, k) for k in c.sub_configs if getattr(c, k, None) is not None)
-    return configs
 
 
 def _row(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -340,3 +299,32 @@ def _as_mask(visible: torch.Tensor, final_base: str, dtype: torch.dtype) -> torc
     if final_base == "eager":
         return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
     return visible
+
+
+@dataclass
+class _GatherPlan:
+    """Physical mode for one decode call: per row, the key positions that are not hidden (kept
+    order; rows padded to the widest with position 0, masked), and the gathered mask."""
+
+    index: torch.Tensor  # [B, W] long
+    mask: torch.Tensor  # [B, 1, 1, W] in the base backend's format
+
+    def gather(self, states: torch.Tensor) -> torch.Tensor:
+        """[B, H_kv, T, D] -> [B, H_kv, W, D]."""
+        batch, heads, _, dim = states.shape
+        return states.gather(2, self.index[:, None, :, None].expand(batch, heads, self.index.shape[1], dim))
+
+
+def _gather_plan(hidden: torch.Tensor, attention_mask: torch.Tensor | None, final_base: str,
+                 dtype: torch.dtype) -> _GatherPlan:  # fmt: skip
+    batch, n_keys = hidden.shape
+    keep = ~hidden
+    kept = keep.sum(-1, keepdim=True)
+    width = int(kept.max())
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    pad = torch.arange(width, device=hidden.device).unsqueeze(0) >= kept
+    index = order.masked_fill(pad, 0)
+    visible = _visible(attention_mask, 1, n_keys, hidden.device)  # [B or 1, 1 or H, 1, T]
+    heads = visible.shape[1]
+    visible = visible.expand(batch, heads, 1, n_keys).gather(3, index[:, None, None, :].expand(batch, heads, 1, width))
+    return _GatherPlan(index, _as_mask(visible & ~pad[:, None, None, :], final_base, dtype))
