@@ -235,6 +235,24 @@ def _even_steps(n_steps: int, count: int = 3) -> list[int]:
     return sorted({round(float(x)) for x in np.linspace(0, n_steps - 1, min(count, n_steps))})
 
 
+def _overlay_inputs(run: Run, sample_id: str, layer: int, steps: Sequence[int] | None,
+                    default_steps: Callable[[int], list[int]]) -> tuple[pd.DataFrame, np.ndarray, tuple[int, int], list[int]]:  # fmt: skip
+    """What an overlay figure of one sample needs: its steps rows at ``layer``, its p̄ [S, N_v],
+    its token grid (h, w) and the steps to draw (``default_steps(S)`` when None), all checked."""
+    check_layer(run, layer)
+    table = _sample_steps(run, sample_id, layer)
+    sample = _sample_row(run, sample_id)
+    scores = np.asarray(run.scores(sample_id)[:, layer_position(run, layer)], dtype=np.float64)  # [S, N_v]
+    grid = spatial_grid(sample.get("grid_shape"), scores.shape[-1])
+    if grid is None:
+        raise AnalysisError(f"{run.path}: sample {sample_id!r} has grid shape {sample.get('grid_shape')}, "
+                            "which does not lay its visual tokens out on one image")  # fmt: skip
+    steps = list(steps) if steps is not None else default_steps(len(table))
+    if not steps or any(not 0 <= t < len(table) for t in steps):
+        raise AnalysisError(f"{run.path}: sample {sample_id!r} has steps 0..{len(table) - 1}, asked for {steps}")
+    return table, scores, grid, steps
+
+
 def fig_mass_over_steps(run: Run, sample_id: str, image: Image.Image | np.ndarray, *, layer: int,
                         steps: Sequence[int] | None = None, levels: Sequence[float] = DEFAULT_LEVELS) -> Figure:  # fmt: skip
     """Activation figure: visual mass per step (top), then one row of overlays per prune level.
@@ -247,17 +265,7 @@ def fig_mass_over_steps(run: Run, sample_id: str, image: Image.Image | np.ndarra
         steps: steps to show (dashed lines on top, one column each); default three evenly spaced.
         levels: prune levels in percent, one row each (default 50 and 90).
     """
-    check_layer(run, layer)
-    table = _sample_steps(run, sample_id, layer)
-    sample = _sample_row(run, sample_id)
-    scores = np.asarray(run.scores(sample_id)[:, layer_position(run, layer)], dtype=np.float64)  # [S, N_v]
-    grid = spatial_grid(sample.get("grid_shape"), scores.shape[-1])
-    if grid is None:
-        raise AnalysisError(f"{run.path}: sample {sample_id!r} has grid shape {sample.get('grid_shape')}, "
-                            "which does not lay its visual tokens out on one image")  # fmt: skip
-    steps = list(steps) if steps is not None else _even_steps(len(table))
-    if not steps or any(not 0 <= t < len(table) for t in steps):
-        raise AnalysisError(f"{run.path}: sample {sample_id!r} has steps 0..{len(table) - 1}, asked for {steps}")
+    table, scores, grid, steps = _overlay_inputs(run, sample_id, layer, steps, _even_steps)
     tokens = table["token_text"].tolist() if "token_text" in table else [None] * len(table)
 
     figure = Figure(figsize=(max(7.0, 2.6 * len(steps)), 2.6 + 2.7 * len(levels)), layout="constrained")
@@ -292,17 +300,7 @@ def fig_activation_steps(run: Run, sample_id: str, image: Image.Image | np.ndarr
         steps: steps to show, in order (default: all).
         columns: panels per row.
     """
-    check_layer(run, layer)
-    table = _sample_steps(run, sample_id, layer)
-    sample = _sample_row(run, sample_id)
-    scores = np.asarray(run.scores(sample_id)[:, layer_position(run, layer)], dtype=np.float64)  # [S, N_v]
-    grid = spatial_grid(sample.get("grid_shape"), scores.shape[-1])
-    if grid is None:
-        raise AnalysisError(f"{run.path}: sample {sample_id!r} has grid shape {sample.get('grid_shape')}, "
-                            "which does not lay its visual tokens out on one image")  # fmt: skip
-    steps = list(steps) if steps is not None else list(range(len(table)))
-    if not steps or any(not 0 <= t < len(table) for t in steps):
-        raise AnalysisError(f"{run.path}: sample {sample_id!r} has steps 0..{len(table) - 1}, asked for {steps}")
+    table, scores, grid, steps = _overlay_inputs(run, sample_id, layer, steps, lambda n: list(range(n)))
     rows = math.ceil(len(steps) / columns)
     figure = Figure(figsize=(2.2 * columns, 2.4 * rows + 0.6), layout="constrained")
     figure.suptitle(f"Sample {sample_id}, layer {layer}: top {100 - level:g}% of visual tokens per step")
