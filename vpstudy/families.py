@@ -84,6 +84,20 @@ class FamilySpec:
         ids = torch.tensor(self.placeholder_ids(config), device=input_ids.device)
         return torch.isin(input_ids, ids)
 
+    def visual_positions(self, input_ids: torch.Tensor, config: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where each row's visual tokens are, left-aligned and padded with position 0.
+
+        Returns:
+            ``(index, valid, counts)``: index [B, N] long key positions, valid [B, N] bool (which
+            entries are real), counts [B] long; N is the largest count (0 if no row has any).
+        """
+        visual = self.visual_mask(input_ids, config)
+        counts = visual.sum(dim=1)
+        n_max = int(counts.max()) if counts.numel() else 0
+        order = torch.argsort((~visual).to(torch.int8), dim=1, stable=True)[:, :n_max]
+        valid = torch.arange(n_max, device=input_ids.device).unsqueeze(0) < counts.unsqueeze(1)
+        return torch.where(valid, order, torch.zeros_like(order)), valid, counts
+
     def count_image_tokens(self, image_inputs: Mapping[str, Any], index: int, context: Mapping[str, Any]) -> int:
         """Number of placeholder tokens image ``index`` of a processed batch expands to."""
         return TOKEN_COUNTERS[self.token_counter](image_inputs, index, context)

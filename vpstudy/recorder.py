@@ -229,17 +229,12 @@ class Recorder:
     def _begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask[:, -1].all()):
             raise RecorderError("right-padded batch: the recorder needs left padding (tokenizer.padding_side='left')")
-        visual = self.spec.visual_mask(input_ids, self.model.config)
-        counts = visual.sum(dim=1)
+        index, valid, counts = self.spec.visual_positions(input_ids, self.model.config)
         if not bool((counts > 0).all()):
             rows = (counts == 0).nonzero().flatten().tolist()
             raise RecorderError(f"batch rows {rows} hold no visual placeholder tokens")
-        n_max = int(counts.max())
+        n_max = index.shape[1]
         batch, device = input_ids.shape[0], input_ids.device
-        # positions of visual tokens, left-aligned per row and padded with position 0
-        order = torch.argsort((~visual).to(torch.int8), dim=1, stable=True)[:, :n_max]
-        valid = torch.arange(n_max, device=device).unsqueeze(0) < counts.unsqueeze(1)
-        index = torch.where(valid, order, torch.zeros_like(order))
         deltas = torch.tensor(
             [[t.resolve(int(n)) for t in self.thresholds] for n in counts.tolist()], dtype=torch.float32, device=device
         ).reshape(batch, len(self.thresholds))

@@ -164,18 +164,12 @@ class Pruner:
             self._state.kept_masks.append({})
 
     def _begin(self, input_ids: torch.Tensor) -> None:
-        visual = self.spec.visual_mask(input_ids, self.model.config)
-        counts = visual.sum(dim=1)
+        index, valid, counts = self.spec.visual_positions(input_ids, self.model.config)
         if not bool((counts > 0).all()):
             rows = (counts == 0).nonzero().flatten().tolist()
             raise PruningError(f"batch rows {rows} hold no visual placeholder tokens")
-        n_max = int(counts.max())
-        order = torch.argsort((~visual).to(torch.int8), dim=1, stable=True)[:, :n_max]
-        valid = torch.arange(n_max, device=input_ids.device).unsqueeze(0) < counts.unsqueeze(1)
-        self._state = _Generation(
-            visual_index=torch.where(valid, order, torch.zeros_like(order)), valid=valid, n_visual=counts,
-            generator=torch.Generator().manual_seed(self.seed),
-        )  # fmt: skip
+        self._state = _Generation(visual_index=index, valid=valid, n_visual=counts,
+                                  generator=torch.Generator().manual_seed(self.seed))  # fmt: skip
 
     def _attend(self, function: Callable[..., Any], final_base: str, module: Any, query: torch.Tensor,
                 key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
