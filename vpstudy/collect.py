@@ -164,11 +164,13 @@ def record_dataset(
     recorder = Recorder(model, layers=settings.layers, thresholds=settings.thresholds,
                         temperatures=settings.temperatures)  # fmt: skip
     thresholds = [t.label for t in recorder.thresholds]
+    # built (and its methods checked against the model) before anything is written
+    pruner = Pruner(model, pruning.methods, mode="mask", seed=settings.seed) if pruning is not None else None
     manifest = build_manifest(model, model_path, dataset, settings, recorder.layers, thresholds)
     if pruning is not None:
-        manifest |= {"method": pruning.description(), "budget_rule": pruning.rule_json(), "kept_boundaries": None,
+        manifest |= {"method": pruning.description(), "budget_rule": pruning.rule_json(),
+                     "kept_boundaries": pruner.boundaries,
                      "scorer": scorer.name if scorer is not None else "exact_match"}  # fmt: skip
-        manifest["kept_boundaries"] = Pruner(model, pruning.methods).boundaries
     elif scorer is not None:
         manifest["scorer"] = scorer.name
     writer = RunWriter(out, manifest, compare_keys=RESUME_KEYS)
@@ -180,9 +182,8 @@ def record_dataset(
     context = {"config": model.config, "image_processor": image_processor}
     label = dataset.name if pruning is None else f"{pruning.name} {dataset.name}"
     bar = tqdm(total=len(todo), desc=f"record {label}", unit="sample", disable=not progress)
-    pruner = Pruner(model, pruning.methods, mode="mask", seed=settings.seed) if pruning is not None else nullcontext()
     timer = _ForwardTimer(model)
-    with bar, recorder, pruner, timer, torch.inference_mode():
+    with bar, recorder, pruner or nullcontext(), timer, torch.inference_mode():
         for batch in _batches(todo, settings.batch_size):
             images = [ex.image() for ex in batch]
             prompts = [format_prompt(processor, spec, ex.question) for ex in batch]
@@ -193,7 +194,7 @@ def record_dataset(
                 pad_token_id=tokenizer.pad_token_id,
             )  # fmt: skip
             generated = output[:, inputs["input_ids"].shape[1] :].tolist()
-            kept = pruner.kept() if pruning is not None else [None] * len(batch)
+            kept = pruner.kept() if pruner is not None else [None] * len(batch)
             timing = {"batch": writer.next_seq, **timer.summary()}  # the batch's first commit number: unique
             for b, (example, trace) in enumerate(zip(batch, recorder.traces(), strict=True)):
                 grid = spec.grid_shape(inputs, b, context | {"n_visual": trace.n_visual})
