@@ -117,29 +117,35 @@ def _traces(run: Run, layer: int, columns: Sequence[str]) -> dict[str, list[np.n
     return {c: [groups[i][c].to_numpy(dtype=np.float64) for i in ids] for c in columns}
 
 
-_SCORES: WeakKeyDictionary[Run, dict[str, np.ndarray]] = WeakKeyDictionary()
+_ARRAYS: WeakKeyDictionary[Run, dict[str, dict[str, np.ndarray]]] = WeakKeyDictionary()
+_ARRAY_LABELS = {"scores": "score array", "max_scores": "max_scores"}
+
+
+def _sample_arrays(run: Run, name: str) -> dict[str, np.ndarray]:
+    """Every sample's array ``name`` (``scores`` [S, L, N] or ``max_scores`` [L, N]) as float32,
+    refusing NaN; read once per opened run."""
+    cached = _ARRAYS.setdefault(run, {})
+    if name not in cached:
+        out = {}
+        for sample_id in run.sample_ids:
+            stored = run.scores(sample_id) if name == "scores" else run.arrays(sample_id)[name]
+            values = np.asarray(stored, dtype=np.float32)
+            if np.isnan(values).any():
+                raise AnalysisError(f"{run.path}: {_ARRAY_LABELS[name]} of sample {sample_id!r} holds NaN")
+            out[sample_id] = values
+        cached[name] = out
+    return cached[name]
 
 
 def _sample_scores(run: Run) -> dict[str, np.ndarray]:
-    """Every sample's score array [S, L, N] as float32, refusing NaN (read once per opened run)."""
-    if run in _SCORES:
-        return _SCORES[run]
-    out = {}
-    for sample_id in run.sample_ids:
-        scores = np.asarray(run.scores(sample_id), dtype=np.float32)
-        if np.isnan(scores).any():
-            raise AnalysisError(f"{run.path}: score array of sample {sample_id!r} holds NaN")
-        out[sample_id] = scores
-    _SCORES[run] = out
-    return out
+    """Every sample's score array [S, L, N] as float32 (see :func:`_sample_arrays`)."""
+    return _sample_arrays(run, "scores")
 
 
 def check_arrays(run: Run) -> None:
     """Read every sample's score and max-score arrays once, refusing NaN (naming the sample)."""
-    _sample_scores(run)
-    for sample_id in run.sample_ids:
-        if np.isnan(np.asarray(run.arrays(sample_id)["max_scores"], dtype=np.float32)).any():
-            raise AnalysisError(f"{run.path}: max_scores of sample {sample_id!r} holds NaN")
+    _sample_arrays(run, "scores")
+    _sample_arrays(run, "max_scores")
 
 
 def _mean_ci(values: np.ndarray, settings: AnalysisSettings) -> tuple[float, float, float]:
@@ -197,10 +203,7 @@ def never_activated_table(run: Run, settings: AnalysisSettings = AnalysisSetting
     layers = list(run.manifest.get("layers", recorded_layers(run)))
     n_visual = dict(zip(run.samples["sample_id"], run.samples["n_visual"], strict=True))
     ratios: dict[str, np.ndarray] = {}  # sample -> [len(deltas), L]
-    for sample_id in run.sample_ids:
-        max_scores = np.asarray(run.arrays(sample_id)["max_scores"], dtype=np.float32)
-        if np.isnan(max_scores).any():
-            raise AnalysisError(f"{run.path}: max_scores of sample {sample_id!r} holds NaN")
+    for sample_id, max_scores in _sample_arrays(run, "max_scores").items():
         ratios[sample_id] = np.stack(
             [never_activated_ratio(max_scores, Threshold.parse(d).resolve(int(n_visual[sample_id]))) for d in deltas]
         )
