@@ -31,6 +31,7 @@ import pandas as pd
 
 from .budget import BudgetRule, anchor_layer
 from .collect import RecordSettings, record_dataset
+from .pruning import PyramidDrop
 from .pruning.plan import PruningPlan, build_plan
 from .runs import Run, open_run
 from .scoring import Scorer, final_answer, get_scorer, normalize_answer
@@ -144,8 +145,8 @@ def comparison_plans(n_layers: int, *, budget: float = 0.05, rule: BudgetRule | 
     where a method has one (VisionPulse's paper settings as published)."""
     anchor = anchor_layer(n_layers)
     pct = f"{100 * budget:g}"
-    # PyramidDrop keeps λ of the remaining tokens at each of its (up to) three stages: λ³ = budget
-    stages = len({min(n_layers - 1, max(1, round(n_layers * f))) for f in (0.25, 0.5, 0.75)})
+    # PyramidDrop keeps λ of the remaining tokens at each of its (up to) three stages: λ^stages = budget
+    stages = len(PyramidDrop().stages(n_layers))
     plans = [
         PlannedRun("dense", "dense", {}),
         PlannedRun("visionpulse-5", "visionpulse", {"tau": "0.1", "b_min": "0.01", "b_max": "0.05"}),

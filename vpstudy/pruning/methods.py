@@ -67,11 +67,13 @@ def _check_ratio(name: str, value: float) -> None:
         raise PruningError(f"{name} must be in (0, 1], got {value}")
 
 
-def _anchor(method: str, anchor: int | None, n_layers: int) -> int:
+def _anchor_stage(method: str, anchor: int | None, n_layers: int) -> list[Stage]:
+    """The one stage of an anchored method: decided and acting at ``anchor`` (default: the
+    VisionPulse anchor depth), which must be a layer of the model."""
     layer = anchor_layer(n_layers) if anchor is None else anchor
     if not 0 <= layer < n_layers:
         raise PruningError(f"{method}: anchor layer {layer} out of range: the text model has {n_layers} layers (0..{n_layers - 1})")  # fmt: skip
-    return layer
+    return [Stage(layer, layer)]
 
 
 def _head_mean_logits(d: Decision) -> torch.Tensor:
@@ -152,8 +154,7 @@ class VisionPulse(PruningMethod):
             raise PruningError(f"visionpulse: score must be 'logits' or 'probs', got {self.score!r}")
 
     def stages(self, n_layers: int) -> list[Stage]:
-        layer = _anchor(self.name, self.anchor if self.anchor is not None else self.rule.layer, n_layers)
-        return [Stage(layer, layer)]
+        return _anchor_stage(self.name, self.anchor if self.anchor is not None else self.rule.layer, n_layers)
 
     def prepare(self, model_config_hash: str, n_layers: int) -> None:
         (stage,) = self.stages(n_layers)
@@ -179,8 +180,7 @@ class TopK(PruningMethod):
         _check_ratio("topk: ratio", self.ratio)
 
     def stages(self, n_layers: int) -> list[Stage]:
-        layer = _anchor(self.name, self.anchor, n_layers)
-        return [Stage(layer, layer)]
+        return _anchor_stage(self.name, self.anchor, n_layers)
 
     def keep(self, stage: int, d: Decision) -> torch.Tensor:
         return top_counts_mask(_head_mean_logits(d), fixed_keep_counts(self.ratio, d.n_visual), d.allowed)
@@ -199,8 +199,7 @@ class TopP(PruningMethod):
         _check_ratio("topp: p", self.p)
 
     def stages(self, n_layers: int) -> list[Stage]:
-        layer = _anchor(self.name, self.anchor, n_layers)
-        return [Stage(layer, layer)]
+        return _anchor_stage(self.name, self.anchor, n_layers)
 
     def keep(self, stage: int, d: Decision) -> torch.Tensor:
         return top_p_mask(_head_mean_probs(d), self.p, d.allowed)
@@ -223,8 +222,7 @@ class RandomBudget(PruningMethod):
         _check_ratio("random: ratio", self.ratio)
 
     def stages(self, n_layers: int) -> list[Stage]:
-        layer = _anchor(self.name, self.anchor, n_layers)
-        return [Stage(layer, layer)]
+        return _anchor_stage(self.name, self.anchor, n_layers)
 
     def keep(self, stage: int, d: Decision) -> torch.Tensor:
         noise = torch.rand(d.allowed.shape, generator=d.generator).to(d.allowed.device)
@@ -310,8 +308,7 @@ class StaticTopK(PruningMethod):
         _check_ratio("static_topk: ratio", self.ratio)
 
     def stages(self, n_layers: int) -> list[Stage]:
-        layer = _anchor(self.name, self.anchor, n_layers)
-        return [Stage(layer, layer)]
+        return _anchor_stage(self.name, self.anchor, n_layers)
 
     def keep(self, stage: int, d: Decision) -> torch.Tensor:
         return top_counts_mask(_head_mean_logits(d), fixed_keep_counts(self.ratio, d.n_visual), d.allowed)
