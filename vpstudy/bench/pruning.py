@@ -29,12 +29,8 @@ budget, the ranking and top-K) per decode step, as a share of the VisionPulse st
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import json
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -44,9 +40,9 @@ from typing import Any
 import torch
 
 import vpstudy
-from vpstudy.bench.recording import Geometry, StepClock, build_inputs, cpu_name, load_average, write_model
+from vpstudy.bench.recording import Geometry, StepClock, build_inputs, write_model
+from vpstudy.bench.results import load_average, result_header, write_result
 from vpstudy.budget import anchor_layer
-from vpstudy.provenance import package_versions
 from vpstudy.pruning import Pruner, VisionPulse
 
 MODES: tuple[str, ...] = ("dense", "visionpulse-physical", "visionpulse-mask")
@@ -139,14 +135,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"physical and mask modes generate identical tokens: {same}")
     elapsed, load_after = time.perf_counter() - started, load_average()
     print(f"total {elapsed:.0f} s; load average {load_after}")
-    command = [sys.executable, "-m", "vpstudy.bench.pruning", *(sys.argv[1:] if argv is None else argv)]
     result = {
-        "benchmark": "vpstudy.bench.pruning",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(command),
-        "device": {"type": "cpu", "name": cpu_name(), "torch_threads": torch.get_num_threads(),
-                   "load_average_before": load_before, "load_average_after": load_after},  # fmt: skip
-        "versions": package_versions(),
+        **result_header("vpstudy.bench.pruning", argv, load_before, load_after),
         "geometry": {"hidden": geometry.hidden, "layers": geometry.layers, "heads": geometry.heads,
                      "kv_heads": geometry.kv_heads, "intermediate": geometry.intermediate},  # fmt: skip
         "visual_tokens": n_visual,
@@ -162,10 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "raw_decode_step_s": steps,
         "total_s": elapsed,
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_result(args.json, result)
     return result
 
 

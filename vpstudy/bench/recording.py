@@ -45,15 +45,9 @@ Targets from the issue (reported, never asserted): ``record / sdpa <= 1.3`` per 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import json
 import math
-import os
-import platform
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -68,9 +62,10 @@ from PIL import Image
 import vpstudy
 from vpstudy.families import mrope_section
 from vpstudy.processing import format_prompt, prepare_batch
-from vpstudy.provenance import package_versions
 from vpstudy.recorder import Recorder
 from vpstudy.testing import make_tiny
+
+from .results import load_average, result_header, write_result
 
 MODES: tuple[str, ...] = ("sdpa", "record", "eager+attn")
 PIXELS_PER_TOKEN_SIDE = 28  # Qwen2-VL: patch 14 px, 2x2 patches merged into one visual token
@@ -234,23 +229,6 @@ def timed(run: Callable[[int], torch.Tensor], n: int, clock: StepClock) -> tuple
     return end - start, clock.decode_steps(end), sequences
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m vpstudy.bench.recording",
@@ -368,14 +346,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_after = load_average()
     print(f"total {elapsed:.0f} s; load average {load_after}")
 
-    command = [sys.executable, "-m", "vpstudy.bench.recording", *(sys.argv[1:] if argv is None else argv)]
     result: dict[str, Any] = {
-        "benchmark": "vpstudy.bench.recording",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(command),
-        "device": {"type": "cpu", "name": cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                   "load_average_before": load_before, "load_average_after": load_after},  # fmt: skip
-        "versions": package_versions(),
+        **result_header("vpstudy.bench.recording", argv, load_before, load_after),
         "geometry": {**asdict(geometry), "head_dim": geometry.head_dim, "mrope_section": geometry.mrope_section},
         "visual_tokens": n_visual,
         "image_grid_thw": grid,
@@ -398,10 +370,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "total_s": elapsed,
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_result(args.json, result)
     return result
 
 
