@@ -172,6 +172,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _decoding_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """How a dataset is decoded: the same flags for ``record`` and ``evaluate``."""
+    parser.add_argument("--max-new-tokens", type=_positive, default=64)
+    parser.add_argument("--batch-size", type=_positive, default=1)
+    parser.add_argument("--limit", type=_positive, default=None, help=f"{verb} only the first N examples")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+
+
 def _resampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-boot", type=_positive, default=1000, help="bootstrap replicates (resampling samples)")
     parser.add_argument("--n-perm", type=_positive, default=1000, help="permutations of the correlation p-values")
@@ -188,12 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--out", required=True, help="run directory (created; an existing run resumes)")
     rec.add_argument("--layers", type=_layers, default=None, help="text layers to record, e.g. '0,5,17' (default: all)")
     rec.add_argument("--thresholds", nargs="+", default=list(DEFAULT_THRESHOLDS), help="activity thresholds δ")
-    rec.add_argument("--max-new-tokens", type=_positive, default=64)
-    rec.add_argument("--batch-size", type=_positive, default=1)
-    rec.add_argument("--limit", type=_positive, default=None, help="record only the first N examples")
+    _decoding_arguments(rec, "record")
     rec.add_argument("--seed", type=int, default=0, help="torch seed (decoding is greedy; recorded)")
-    rec.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    rec.add_argument("--device", default="cpu")
     rec.set_defaults(run=_record)
 
     org = sub.add_parser("train-organism", help="train the model organism from scratch on CPU (see data/README.md)")
@@ -257,12 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scorer", default="exact_match",
                     help="answer scoring: exact_match, multiple_choice, numeric_tolerance, relaxed_accuracy")
     ev.add_argument("--budget", type=float, default=0.05, help="--method all: visual-token budget of the fixed methods")
-    ev.add_argument("--max-new-tokens", type=_positive, default=64)
-    ev.add_argument("--batch-size", type=_positive, default=1)
-    ev.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N examples")
+    _decoding_arguments(ev, "evaluate")
     ev.add_argument("--seed", type=int, default=0, help="seed of random methods (decoding is greedy)")
-    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ev.add_argument("--device", default="cpu")
     ev.set_defaults(run=_evaluate)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default (see README)")
