@@ -58,12 +58,12 @@ def default_layer(run: Run) -> int:
     return min(layers, key=lambda layer: (abs(layer - target), layer))
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN -> None, numpy scalars -> Python."""
+def json_safe(value: Any) -> Any:
+    """JSON-safe copy of nested dicts/lists: NaN and infinities -> None, numpy scalars -> Python."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -72,7 +72,7 @@ def _clean(value: Any) -> Any:
 
 
 def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
-    return _clean(table.to_dict(orient="records"))
+    return json_safe(table.to_dict(orient="records"))
 
 
 def resolve_dataset(run: Run, data: str | Path | None) -> tuple[Any, str | None]:
@@ -182,7 +182,7 @@ def headline(tables: dict[str, pd.DataFrame], layer: int) -> dict[str, Any]:
         loc = tables["localization"]
         out["localization"] = _records(loc[loc["layer"] == layer])
         out["localization_best"] = _records(loc.loc[[loc["localization"].idxmax()]])
-    return _clean(out)
+    return json_safe(out)
 
 
 def _write(folder: Path, result: dict[str, Any], tables: dict[str, pd.DataFrame]) -> None:

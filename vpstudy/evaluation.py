@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .analysis import json_safe
 from .budget import BudgetRule, anchor_layer
 from .collect import RecordSettings, record_dataset
 from .pruning import PyramidDrop
@@ -109,23 +110,13 @@ def summarize(run: Run, dense: Run | None = None) -> dict[str, Any]:
     return result
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def evaluate(model: Any, processor: Any, dataset: Any, out: str | Path, plan: PruningPlan | None, *,
              settings: RecordSettings, scorer: Scorer | None = None, dense: Run | None = None,
              model_path: str = "", progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Record ``dataset`` with ``plan`` (None: dense) into ``out`` and write ``out/eval.json``."""
     run = record_dataset(model, processor, dataset, out, settings, model_path=model_path, progress=progress,
                          pruning=plan, scorer=scorer or get_scorer("exact_match"))  # fmt: skip
-    result = _clean(summarize(run, dense))
+    result = json_safe(summarize(run, dense))
     (Path(out) / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -181,7 +172,7 @@ def compare(model: Any, processor: Any, dataset: Any, out: str | Path, *, settin
     n_layers = model.config.get_text_config().num_hidden_layers
     results = {}
     if dense is not None:
-        results["dense"] = _clean(summarize(dense))
+        results["dense"] = json_safe(summarize(dense))
         (dense.path / EVAL_FILE).write_text(json.dumps(results["dense"], indent=2) + "\n", encoding="utf-8")
     for planned in [*comparison_plans(n_layers, budget=budget, rule=rule), *extra]:
         if planned.label in results:
