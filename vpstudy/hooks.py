@@ -56,6 +56,14 @@ def all_configs(config: Any) -> list[Any]:
     return configs
 
 
+def forward_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
+    """From a model forward pre-hook's arguments: the ``input_ids`` (None if absent) and whether
+    this forward starts a generation (no cache, or an empty one: the prefill)."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    cache = kwargs.get("past_key_values")
+    return input_ids, cache is None or cache.get_seq_length() == 0
+
+
 class AttentionSwap:
     """Switch a model's text backbone to the hook ``prefix + <current backend>`` for a ``with`` block.
 

@@ -33,7 +33,7 @@ import torch
 
 from .attention import visual_row
 from .families import FamilySpec, TextGeometry
-from .hooks import Installation
+from .hooks import Installation, forward_inputs
 from .loading import family_of
 
 DEFAULT_THRESHOLDS: tuple[str, ...] = ("0.0005", "0.001", "0.0015", "0.002", "1/Nv", "2/Nv")
@@ -214,11 +214,10 @@ class Recorder:
     # --- tracing ------------------------------------------------------------------------------
 
     def _pre_forward(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        input_ids, starts = forward_inputs(args, kwargs)
         if input_ids is None:
             raise RecorderError("recording needs input_ids (visual positions are found from placeholder tokens)")
-        if cache is None or cache.get_seq_length() == 0:
+        if starts:
             self._begin(input_ids, kwargs.get("attention_mask"))
         elif self._state is not None:
             state = self._state

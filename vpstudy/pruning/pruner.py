@@ -32,7 +32,7 @@ import torch
 
 from ..attention import apply_row_mask, row_logits
 from ..families import FamilySpec, TextGeometry
-from ..hooks import Installation
+from ..hooks import Installation, forward_inputs
 from ..loading import config_hash, family_of
 from .methods import Decision, PruningError, PruningMethod, Stage
 
@@ -149,11 +149,10 @@ class Pruner:
     # --- per forward -------------------------------------------------------------------------
 
     def _pre_forward(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        input_ids, starts = forward_inputs(args, kwargs)
         if input_ids is None:
             raise PruningError("pruning needs input_ids (visual positions are found from placeholder tokens)")
-        if cache is None or cache.get_seq_length() == 0:
+        if starts:
             self._begin(input_ids)
         elif self._state is not None:
             self._state.step += 1
