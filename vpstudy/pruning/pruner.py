@@ -9,10 +9,20 @@ keys the current queries may see and then runs the base backend:
   attention mask (-inf logits for eager, False for SDPA); the KV cache is untouched;
 - **physical mode** (the fast path, decode steps only): the call attends over the gathered
   non-hidden keys and values, per batch row (rows with fewer kept keys are padded with masked
-  entries). Prefill calls always run in mask mode.
+  entries). Prefill calls always run in mask mode. When the only method is
+  :class:`~vpstudy.pruning.methods.VisionPulse` and each row's visual tokens are one contiguous
+  run, the decode calls from the anchor layer on go to a decode backend instead
+  (``backend=``: the Triton kernels of :mod:`vpstudy.kernels`, xformers, or their pure-torch
+  reference; see :mod:`vpstudy.backends.choose`): one fused scoring and top-K pass at the
+  anchor, then attention over the non-visual keys and the kept visual keys read in place from
+  the cache, with no gathered copy and no mask.
 
 When nothing is hidden at a layer the call is passed through unchanged, so methods whose
 settings keep every token generate exactly what the model generates alone.
+
+A prefill may come in chunks (several forwards of more than one token before the first decode
+step, as transformers' ``prefill_chunk_size`` or a benchmark's own loop does); visual positions
+are collected across the chunks. Prefill methods need the whole prompt in one forward.
 
 Stacking with the recorder: install the :class:`~vpstudy.recorder.Recorder` first and the pruner
 inside it (mask mode); the recorder then sees the attention the pruned model really computes.
@@ -23,6 +33,7 @@ The pruner also keeps, per step, the visual tokens left visible at every layer
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +42,12 @@ import numpy as np
 import torch
 
 from ..attention import apply_row_mask, row_logits
+from ..backends.choose import NAMES as BACKENDS
+from ..backends.choose import Backend, choose_backend
 from ..families import FamilySpec, TextGeometry
 from ..hooks import Installation, forward_inputs
 from ..loading import config_hash, family_of
-from .methods import Decision, PruningError, PruningMethod, Stage
+from .methods import Decision, PruningError, PruningMethod, Stage, VisionPulse
 
 PRUNE_PREFIX = "vpstudy_prune_"
 MODES = ("mask", "physical")
@@ -75,6 +88,8 @@ class _Generation:
     kept_counts: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per step: layer -> visible [B, N]
     kept_masks: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per step: boundary layer -> [B, N]
     cache: dict[Any, Any] = field(default_factory=dict)  # this forward: decisions applied -> mask or gather plan
+    contiguous: bool = True  # every row's visual tokens are one run of positions (the fast path's layout)
+    decoding: bool = False  # a decode step has run (later multi-token forwards are not prefill chunks)
 
 
 @dataclass
@@ -101,12 +116,18 @@ class Pruner:
         methods: pruning methods; prefill methods decide before step-wise ones at the same layer.
         mode: ``"mask"`` or ``"physical"``.
         seed: seed of methods that draw at random.
+        backend: physical mode's decode backend for VisionPulse: ``"auto"`` (Triton on CUDA, else
+            xformers on CUDA, else the reference), ``"reference"``, ``"triton"`` or ``"xformers"``.
+            One that cannot run here, or a method set the fast path does not serve, falls back to
+            the gathered reference path with a warning saying why.
     """
 
     def __init__(self, model: Any, methods: PruningMethod | Sequence[PruningMethod], *, mode: str = "mask",
-                 seed: int = 0) -> None:  # fmt: skip
+                 seed: int = 0, backend: str = "auto") -> None:  # fmt: skip
         if mode not in MODES:
             raise PruningError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if backend not in BACKENDS:
+            raise PruningError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.model = model
         self.spec: FamilySpec = family_of(model)
         self.methods = [methods] if isinstance(methods, PruningMethod) else list(methods)
@@ -123,11 +144,29 @@ class Pruner:
         self.stages: list[tuple[int, int, Stage]] = [
             (i, s, stage) for i in order for s, stage in enumerate(self.methods[i].stages(self.n_layers))
         ]
+        self._all_step_wise = all(m.step_wise for m in self.methods)
         self.boundaries = sorted({stage.acts_from for _, _, stage in self.stages})
         self._first_layer = min(min(stage.decide_at, stage.acts_from) for _, _, stage in self.stages)
         self._state: _Generation | None = None
         self.decision_s = 0.0  # wall time of decode-step decisions (signal, budget, top-K), for benchmarks
+        self.backend_name = backend
+        self.backend: Backend | None = None  # the fast path's backend, once the first decode call chose it
         self._installation: Installation | None = None
+        self._fast: VisionPulse | None = None
+
+    def _fast_method(self) -> VisionPulse | None:
+        """The VisionPulse method the backend fast path serves, or None (with why, when a
+        backend was asked for by name)."""
+        on_cuda = next(self.model.parameters()).device.type == "cuda"
+        if self.mode != "physical" or (self.backend_name == "auto" and not on_cuda):
+            return None  # without CUDA, auto keeps the gathered path (the reference kernels are an oracle, not fast)
+        method = self.methods[0]
+        if len(self.methods) == 1 and isinstance(method, VisionPulse):
+            return method
+        if self.backend_name != "auto":
+            warnings.warn(f"backend {self.backend_name!r} serves VisionPulse alone; {', '.join(m.name for m in self.methods)} "
+                          "run on the gathered reference path", stacklevel=3)  # fmt: skip
+        return None
 
     # --- installing and restoring ------------------------------------------------------------
 
@@ -141,6 +180,7 @@ class Pruner:
         if self.mode == "physical" and "vpstudy_record_" in base:
             raise PruningError("physical mode cannot run under the recorder (it changes the keys); use mode='mask'")
         self._installation.__enter__()
+        self._fast = self._fast_method()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -152,10 +192,18 @@ class Pruner:
         input_ids, starts = forward_inputs(args, kwargs)
         if input_ids is None:
             raise PruningError("pruning needs input_ids (visual positions are found from placeholder tokens)")
+        state = self._state
         if starts:
             self._begin(input_ids)
-        elif self._state is not None:
-            self._state.step += 1
+        elif state is not None and input_ids.shape[1] > 1 and not state.decoding:
+            self._extend(input_ids, kwargs["past_key_values"].get_seq_length())  # a further prefill chunk
+            state.cache = {}
+            return
+        elif state is not None:
+            if not state.decoding:  # the prompt is complete (it may have come in chunks)
+                self._prompt_complete(state)
+            state.step += 1
+            state.decoding = True
         if self._state is not None:
             self._state.current = {}
             self._state.cache = {}
@@ -164,11 +212,35 @@ class Pruner:
 
     def _begin(self, input_ids: torch.Tensor) -> None:
         index, valid, counts = self.spec.visual_positions(input_ids, self.model.config)
-        if not bool((counts > 0).all()):
-            rows = (counts == 0).nonzero().flatten().tolist()
-            raise PruningError(f"batch rows {rows} hold no visual placeholder tokens")
+        if not self._all_step_wise:  # prefill methods decide now, on the whole prompt
+            _check_counts(counts, " in this forward (prefill methods need the whole prompt in one forward)")
         self._state = _Generation(visual_index=index, valid=valid, n_visual=counts,
                                   generator=torch.Generator().manual_seed(self.seed))  # fmt: skip
+
+    def _prompt_complete(self, state: _Generation) -> None:
+        """Checks once the whole prompt has been seen (at the first decode step)."""
+        _check_counts(state.n_visual)
+        state.contiguous = _contiguous(state.visual_index, state.valid)
+        if self._fast is not None and not state.contiguous and self.backend_name != "auto":
+            warnings.warn("visual tokens are not one run of positions in every row; VisionPulse runs on the "
+                          "gathered reference path", stacklevel=3)  # fmt: skip
+
+    def _extend(self, input_ids: torch.Tensor, offset: int) -> None:
+        """Add the visual positions of a further prefill chunk that starts at cache slot ``offset``."""
+        if not self._all_step_wise:
+            raise PruningError("prefill methods need the whole prompt in one forward; do not chunk the prefill")
+        state = self._state
+        index, valid, counts = self.spec.visual_positions(input_ids, self.model.config)
+        if index.shape[1] == 0:
+            return
+        rows = []
+        for b in range(index.shape[0]):
+            old, new = state.visual_index[b, state.valid[b]], index[b, valid[b]] + offset
+            rows.append(torch.cat([old, new]))
+        width = max(len(r) for r in rows)
+        state.valid = torch.arange(width, device=index.device)[None, :] < torch.tensor([len(r) for r in rows], device=index.device)[:, None]
+        state.visual_index = torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows])
+        state.n_visual = state.valid.sum(-1)
 
     def _attend(self, function: Callable[..., Any], final_base: str, module: Any, query: torch.Tensor,
                 key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -177,6 +249,10 @@ class Pruner:
         if state is None or layer < self._first_layer:  # no stage decides or acts this shallow
             return function(module, query, key, value, attention_mask, **kwargs)
         prefill = query.shape[2] > 1
+        if prefill and self._all_step_wise:  # step-wise methods decide and act at decode steps only
+            return function(module, query, key, value, attention_mask, **kwargs)
+        if self._fast is not None and not prefill and state.contiguous:
+            return self._fast_attend(module, query, key, value, attention_mask, kwargs)
         allowed, applied = self._allowed(state, layer, prefill)
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         started = time.perf_counter()
@@ -218,6 +294,35 @@ class Pruner:
         if isinstance(plan, _GatherPlan):
             return function(module, query, plan.gather(key), plan.gather(value), plan.mask, **kwargs)
         return function(module, query, key, value, plan, **kwargs)
+
+    def _fast_attend(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:  # fmt: skip
+        """A decode call from the anchor layer on, through the decode backend (VisionPulse alone)."""
+        from vpstudy.kernels.layout import KeyLayout
+
+        state, layer, method = self._state, module.layer_idx, self._fast
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        if self.backend is None:
+            self.backend = choose_backend(self.backend_name, query.device, query.dtype, query.shape[-1])
+        if "layout" not in state.cache:
+            start, end = _visible_range(_row(attention_mask), query.shape[0], key.shape[2], query.device)
+            state.cache["layout"] = KeyLayout(start, end, state.visual_index[:, 0].to(torch.int32),
+                                              state.n_visual.to(torch.int32), state.valid.shape[1])  # fmt: skip
+        layout = state.cache["layout"]
+        if layer == method.stages(self.n_layers)[0].decide_at:
+            started = time.perf_counter()
+            selection = self.backend.anchor_select(query[:, :, -1], key, layout, method.rule, scale=scaling,
+                                                   score=method.score)  # fmt: skip
+            state.cache["kept"] = selection.kept
+            keep = selection.kept.token_mask(layout.visual_len, state.valid.shape[1])
+            state.current[(0, 0)] = keep
+            self.decision_s += time.perf_counter() - started
+        keep = state.current[(0, 0)]
+        state.kept_counts[-1][layer] = keep
+        if layer in self.boundaries:
+            state.kept_masks[-1][layer] = keep
+        out = self.backend.sparse_decode(query[:, :, -1], key, value, layout, state.cache["kept"], scale=scaling)
+        return out.unsqueeze(1), None  # [B, 1, H_q, D], as transformers' attention functions return
 
     def _allowed(self, state: _Generation, layer: int, prefill: bool) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
         """[B, N] real visual tokens visible at ``layer`` before this layer's own decisions, and
@@ -272,6 +377,33 @@ class Pruner:
 def _row(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """The last query row of an attention mask, [B, 1 or H, T] (None stays None)."""
     return None if attention_mask is None else attention_mask[:, :, -1, :]
+
+
+def _check_counts(counts: torch.Tensor, where: str = "") -> None:
+    """Raise unless every batch row holds visual placeholder tokens."""
+    if not bool((counts > 0).all()):
+        rows = (counts == 0).nonzero().flatten().tolist()
+        raise PruningError(f"batch rows {rows} hold no visual placeholder tokens{where}")
+
+
+def _contiguous(index: torch.Tensor, valid: torch.Tensor) -> bool:
+    """Whether every row's visual positions are one run ``first, first + 1, ...``."""
+    run = index[:, :1] + torch.arange(index.shape[1], device=index.device)[None, :]
+    return bool(((index == run) | ~valid).all())
+
+
+def _visible_range(mask_row: torch.Tensor | None, batch: int, n_keys: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """First visible key and one past the last, per row ([B] int32 each), of a decode call's mask
+    row [B or 1, 1 or H, T] (left padding before, unwritten static-cache slots after); None
+    means all ``n_keys`` keys are visible."""
+    if mask_row is None:
+        zeros = torch.zeros(batch, dtype=torch.int32, device=device)
+        return zeros, zeros + n_keys
+    visible = _visible(mask_row[:, :1, None, :], 1, n_keys, device)[:, 0, 0, :].expand(batch, n_keys).to(torch.int32)
+    start = visible.argmax(-1)
+    end = n_keys - visible.flip(-1).argmax(-1)
+    return start.to(torch.int32), end.to(torch.int32)
 
 
 def _visible(attention_mask: torch.Tensor | None, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:

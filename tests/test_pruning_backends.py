@@ -1,0 +1,98 @@
+"""The pruner's decode fast path (physical mode through a decode backend) on tiny random models:
+it generates what mask mode generates (tokens, logits, kept sets), with the Triton kernels (in
+Triton's interpreter without CUDA) and with their pure-torch reference; chunked prefill; and
+the fallbacks, each with a message saying why."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import vpstudy
+from vpstudy.families import FAMILIES
+from vpstudy.kernels import triton_unavailable_reason
+from vpstudy.pruning import FastV, Pruner, PruningError, VisionPulse
+
+from test_pruning import _inputs
+
+NEW_TOKENS = 5
+TRITON = triton_unavailable_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32, 16)
+
+
+def _run(model, inputs, method, mode, backend="auto", **kwargs):
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True, output_scores=True) | kwargs
+    with torch.inference_mode(), Pruner(model, [method], mode=mode, backend=backend) as pruner:
+        out = model.generate(**inputs, **kwargs)
+    return out, pruner
+
+
+def _assert_same(a, b):
+    (out_a, pruner_a), (out_b, pruner_b) = a, b
+    assert torch.equal(out_a.sequences, out_b.sequences)
+    for x, y in zip(out_a.scores, out_b.scores, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    for x, y in zip(pruner_a.kept(), pruner_b.kept(), strict=True):
+        np.testing.assert_array_equal(x.counts, y.counts)
+        np.testing.assert_array_equal(x.masks, y.masks)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tiny_dirs):
+    model, processor = vpstudy.load(tiny_dirs[request.param])
+    return dict(name=request.param, model=model, inputs=_inputs(model, processor))
+
+
+def _method(model):
+    n_layers = model.config.get_text_config().num_hidden_layers
+    return VisionPulse(tau=0.4, b_min=0.05, b_max=0.3, anchor=n_layers // 2)
+
+
+def test_reference_backend_fast_path_generates_what_mask_mode_does(family):
+    model, inputs = family["model"], family["inputs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fast path really runs: no fallback message
+        fast = _run(model, inputs, _method(model), "physical", backend="reference")
+    assert fast[1].backend is not None and fast[1].backend.name == "reference"
+    _assert_same(fast, _run(model, inputs, _method(model), "mask"))
+    kept = fast[1].kept()[0]
+    assert (kept.counts[1:, _method(model).anchor :] < kept.masks.shape[-1]).any()  # something was pruned
+
+
+@pytest.mark.skipif(TRITON is not None, reason=str(TRITON))
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_triton_backend_fast_path_generates_what_mask_mode_does(name, tiny_dirs):
+    model, processor = vpstudy.load(tiny_dirs[name])
+    inputs = _inputs(model, processor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = _run(model, inputs, _method(model), "physical", backend="triton")
+    assert fast[1].backend.name == "triton"
+    _assert_same(fast, _run(model, inputs, _method(model), "mask"))
+
+
+def test_a_chunked_prefill_prunes_like_a_whole_one(tiny_dirs):
+    """Visual positions are collected across prefill chunks (placeholders embedded as text: chunked
+    prefill cannot split raw pixels)."""
+    model, processor = vpstudy.load(tiny_dirs["llava"])
+    inputs = {k: v for k, v in _inputs(model, processor).items() if k in ("input_ids", "attention_mask")}
+    whole = _run(model, inputs, _method(model), "physical", backend="reference")
+    chunked = _run(model, inputs, _method(model), "physical", backend="reference", prefill_chunk_size=7)
+    _assert_same(whole, chunked)
+    with pytest.raises(PruningError, match="prefill methods need the whole prompt in one forward"):
+        with torch.inference_mode(), Pruner(model, [FastV(layer=1, ratio=0.5)], mode="mask"):
+            model.generate(**inputs, max_new_tokens=2, prefill_chunk_size=7)
+
+
+def test_method_sets_the_fast_path_does_not_serve_fall_back_with_a_message(tiny_dirs):
+    model, processor = vpstudy.load(tiny_dirs["llava"])
+    inputs = _inputs(model, processor)
+    methods = [FastV(layer=1, ratio=0.5), _method(model)]
+    with pytest.warns(UserWarning, match="serves VisionPulse alone; fastv, visionpulse run on the gathered reference path"):
+        with torch.inference_mode(), Pruner(model, methods, mode="physical", backend="reference") as pruner:
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert pruner.backend is None
+    with pytest.raises(PruningError, match="backend must be one of auto, reference, triton, xformers, got 'cuda'"):
+        Pruner(model, [_method(model)], mode="physical", backend="cuda")

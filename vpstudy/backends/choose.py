@@ -1,0 +1,88 @@
+"""Which decode backend runs the pruner's fast path on this device: one semantics, three
+implementations (SPEC, Attention backends).
+
+- ``reference``: pure torch (:mod:`vpstudy.kernels.reference`), any device, float32 arithmetic;
+  the test oracle.
+- ``triton``: the Triton kernels of :mod:`vpstudy.kernels` (CUDA; on a machine without CUDA
+  only under ``TRITON_INTERPRET=1``, which is how CI tests their logic).
+- ``xformers``: ``memory_efficient_attention_partial`` + ``merge_attentions``
+  (:mod:`vpstudy.backends.xformers`; CUDA, float16/bfloat16).
+
+``auto`` takes triton, then xformers, then the reference, whichever first can run. A backend
+asked for by name that cannot run falls back to the reference with a one-line message saying why.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+NAMES = ("auto", "reference", "triton", "xformers")
+
+
+class BackendChoiceError(ValueError):
+    """An unknown backend name."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A decode backend: ``anchor_select`` and ``sparse_decode`` with the signatures of
+    :mod:`vpstudy.kernels.reference`."""
+
+    name: str
+    anchor_select: Callable
+    sparse_decode: Callable
+
+
+def _reference() -> Backend:
+    from vpstudy.kernels import reference
+
+    return Backend("reference", reference.anchor_select, reference.sparse_decode)
+
+
+def _triton() -> Backend:
+    from vpstudy.kernels import anchor, sparse_decode
+
+    return Backend("triton", anchor.anchor_select, sparse_decode.sparse_decode)
+
+
+def _xformers() -> Backend:
+    from . import xformers
+
+    return Backend("xformers", xformers.anchor_select, xformers.sparse_decode)
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None when backend ``name`` can run on ``device`` with ``dtype`` and ``head_dim``; else why not."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        from vpstudy.kernels import triton_unavailable_reason
+
+        return triton_unavailable_reason(device, dtype, head_dim)
+    if name == "xformers":
+        from . import xformers
+
+        return xformers.unavailable_reason(device, dtype, head_dim)
+    raise BackendChoiceError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+
+
+def choose_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Backend:
+    """The backend to run: ``name`` if it can run here, else (with a warning naming the reason)
+    the reference; ``auto`` picks the first of triton, xformers, reference that can run."""
+    if name not in NAMES:
+        raise BackendChoiceError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    makers = {"reference": _reference, "triton": _triton, "xformers": _xformers}
+    if name == "auto":
+        for candidate in ("triton", "xformers"):
+            if device.type == "cuda" and unavailable_reason(candidate, device, dtype, head_dim) is None:
+                return makers[candidate]()
+        return _reference()
+    reason = unavailable_reason(name, device, dtype, head_dim)
+    if reason is not None:
+        warnings.warn(f"{name} backend cannot run here ({reason}); using the reference backend", stacklevel=3)
+        return _reference()
+    return makers[name]()
