@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vpstudy
+from vpstudy.backends.dense import DenseDecode
 from vpstudy.families import FAMILIES
 from vpstudy.kernels import triton_unavailable_reason
 from vpstudy.pruning import FastV, Pruner, PruningError, VisionPulse
@@ -96,3 +97,31 @@ def test_method_sets_the_fast_path_does_not_serve_fall_back_with_a_message(tiny_
     assert pruner.backend is None
     with pytest.raises(PruningError, match="backend must be one of auto, reference, triton, xformers, got 'cuda'"):
         Pruner(model, [_method(model)], mode="physical", backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dense_decode_through_a_backend_generates_what_the_model_does(backend, tiny_dirs):
+    if backend == "triton" and TRITON is not None:
+        pytest.skip(TRITON)
+    model, processor = vpstudy.load(tiny_dirs["qwen2_vl"])
+    inputs = _inputs(model, processor)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    with torch.inference_mode():
+        plain = model.generate(**inputs, **kwargs)
+        with DenseDecode(model, backend=backend) as dense:
+            routed = model.generate(**inputs, **kwargs)
+    assert dense.backend.name == backend and dense.calls == NEW_TOKENS - 1  # every decode step went through it
+    assert torch.equal(plain.sequences, routed.sequences)
+    for x, y in zip(plain.scores, routed.scores, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+def test_a_backend_that_cannot_run_here_falls_back_to_the_reference_with_its_reason(tiny_dirs):
+    if torch.cuda.is_available():
+        pytest.skip("xformers can run on this machine")
+    model, processor = vpstudy.load(tiny_dirs["llava"])
+    inputs = _inputs(model, processor)
+    with pytest.warns(UserWarning, match=r"xformers backend needs a CUDA device \(got cpu\); using the reference backend"):
+        fast = _run(model, inputs, _method(model), "physical", backend="xformers")
+    assert fast[1].backend.name == "reference"
+    _assert_same(fast, _run(model, inputs, _method(model), "mask"))

@@ -71,6 +71,22 @@ def apply_row_mask(logits: torch.Tensor, mask_row: torch.Tensor | None) -> torch
     return logits + mask_row.float()
 
 
+def visible_range(mask_row: torch.Tensor | None, batch: int, n_keys: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """First visible key and one past the last, per row ([B] int32 each), of a decode call's mask
+    row (as :func:`apply_row_mask` takes it; left padding before, unwritten static-cache slots
+    after the visible run); None means all ``n_keys`` keys are visible."""
+    if mask_row is None:
+        zeros = torch.zeros(batch, dtype=torch.int32, device=device)
+        return zeros, zeros + n_keys
+    row = mask_row[:, 0, :]
+    visible = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    visible = visible.expand(batch, n_keys).to(torch.int32)
+    start = visible.argmax(-1)
+    end = n_keys - visible.flip(-1).argmax(-1)
+    return start.to(torch.int32), end.to(torch.int32)
+
+
 def visual_row(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -83,6 +83,6 @@ def choose_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim
         return _reference()
     reason = unavailable_reason(name, device, dtype, head_dim)
     if reason is not None:
-        warnings.warn(f"{name} backend cannot run here ({reason}); using the reference backend", stacklevel=3)
+        warnings.warn(f"{reason}; using the reference backend", stacklevel=3)
         return _reference()
     return makers[name]()

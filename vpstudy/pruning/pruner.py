@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..attention import apply_row_mask, row_logits
+from ..attention import apply_row_mask, row_logits, visible_range
 from ..backends.choose import NAMES as BACKENDS
 from ..backends.choose import Backend, choose_backend
 from ..families import FamilySpec, TextGeometry
@@ -305,7 +305,7 @@ class Pruner:
         if self.backend is None:
             self.backend = choose_backend(self.backend_name, query.device, query.dtype, query.shape[-1])
         if "layout" not in state.cache:
-            start, end = _visible_range(_row(attention_mask), query.shape[0], key.shape[2], query.device)
+            start, end = visible_range(_row(attention_mask), query.shape[0], key.shape[2], query.device)
             state.cache["layout"] = KeyLayout(start, end, state.visual_index[:, 0].to(torch.int32),
                                               state.n_visual.to(torch.int32), state.valid.shape[1])  # fmt: skip
         layout = state.cache["layout"]
@@ -390,20 +390,6 @@ def _contiguous(index: torch.Tensor, valid: torch.Tensor) -> bool:
     """Whether every row's visual positions are one run ``first, first + 1, ...``."""
     run = index[:, :1] + torch.arange(index.shape[1], device=index.device)[None, :]
     return bool(((index == run) | ~valid).all())
-
-
-def _visible_range(mask_row: torch.Tensor | None, batch: int, n_keys: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """First visible key and one past the last, per row ([B] int32 each), of a decode call's mask
-    row [B or 1, 1 or H, T] (left padding before, unwritten static-cache slots after); None
-    means all ``n_keys`` keys are visible."""
-    if mask_row is None:
-        zeros = torch.zeros(batch, dtype=torch.int32, device=device)
-        return zeros, zeros + n_keys
-    visible = _visible(mask_row[:, :1, None, :], 1, n_keys, device)[:, 0, 0, :].expand(batch, n_keys).to(torch.int32)
-    start = visible.argmax(-1)
-    end = n_keys - visible.flip(-1).argmax(-1)
-    return start.to(torch.int32), end.to(torch.int32)
 
 
 def _visible(attention_mask: torch.Tensor | None, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:

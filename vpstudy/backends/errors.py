@@ -1,0 +1,7 @@
+"""Errors of the decode backends."""
+
+from __future__ import annotations
+
+
+class BackendUnavailable(RuntimeError):
+    """A decode backend cannot run on this device, dtype or head dim; the message says why, in one line."""
