@@ -125,3 +125,23 @@ def test_a_backend_that_cannot_run_here_falls_back_to_the_reference_with_its_rea
         fast = _run(model, inputs, _method(model), "physical", backend="xformers")
     assert fast[1].backend.name == "reference"
     _assert_same(fast, _run(model, inputs, _method(model), "mask"))
+
+
+def test_the_block_sparse_variant_keeps_the_blocks_of_the_rules_tokens(tiny_dirs):
+    """At the first decode step (the same prefix in both runs) the block variant keeps exactly the
+    4-token blocks that hold a token the token-exact rule keeps, and reports them as kept."""
+    model, processor = vpstudy.load(tiny_dirs["qwen2_vl"])
+    inputs = _inputs(model, processor)
+    method = _method(model)
+    exact = _run(model, inputs, method, "physical", backend="reference")[1].kept()
+    with torch.inference_mode(), Pruner(model, [method], mode="physical", backend="reference", kept_block=4) as pruner:
+        model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    blocks = pruner.kept()
+    for token_trace, block_trace in zip(exact, blocks, strict=True):
+        tokens, covered = token_trace.masks[1, 0], block_trace.masks[1, 0]
+        n = len(tokens)
+        expected = np.repeat(np.pad(tokens, (0, -n % 4)).reshape(-1, 4).any(-1), 4)[:n]
+        np.testing.assert_array_equal(covered, expected)
+        assert block_trace.counts[1, method.anchor] == covered.sum() > token_trace.counts[1, method.anchor]
+    with pytest.raises(PruningError, match="kept_block is an option of physical mode"):
+        Pruner(model, [method], mode="mask", kept_block=4)

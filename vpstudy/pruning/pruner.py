@@ -120,14 +120,21 @@ class Pruner:
             xformers on CUDA, else the reference), ``"reference"``, ``"triton"`` or ``"xformers"``.
             One that cannot run here, or a method set the fast path does not serve, falls back to
             the gathered reference path with a warning saying why.
+        kept_block: the fast path's block-sparse variant: keep every ``kept_block``-token block
+            of visual tokens that holds a token the rule keeps (1 = token-exact, the rule's set).
+            It keeps more than the rule asks for; :meth:`kept` reports what was really kept.
     """
 
     def __init__(self, model: Any, methods: PruningMethod | Sequence[PruningMethod], *, mode: str = "mask",
-                 seed: int = 0, backend: str = "auto") -> None:  # fmt: skip
+                 seed: int = 0, backend: str = "auto", kept_block: int = 1) -> None:  # fmt: skip
         if mode not in MODES:
             raise PruningError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if backend not in BACKENDS:
             raise PruningError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if not (isinstance(kept_block, int) and kept_block >= 1):
+            raise PruningError(f"kept_block must be an integer >= 1, got {kept_block!r}")
+        if kept_block > 1 and mode != "physical":
+            raise PruningError("kept_block is an option of physical mode's fast path; use mode='physical'")
         self.model = model
         self.spec: FamilySpec = family_of(model)
         self.methods = [methods] if isinstance(methods, PruningMethod) else list(methods)
@@ -150,6 +157,7 @@ class Pruner:
         self._state: _Generation | None = None
         self.decision_s = 0.0  # wall time of decode-step decisions (signal, budget, top-K), for benchmarks
         self.backend_name = backend
+        self.kept_block = kept_block
         self.backend: Backend | None = None  # the fast path's backend, once the first decode call chose it
         self._installation: Installation | None = None
         self._fast: VisionPulse | None = None
@@ -163,7 +171,7 @@ class Pruner:
         method = self.methods[0]
         if len(self.methods) == 1 and isinstance(method, VisionPulse):
             return method
-        if self.backend_name != "auto":
+        if self.backend_name != "auto" or self.kept_block > 1:
             warnings.warn(f"backend {self.backend_name!r} serves VisionPulse alone; {', '.join(m.name for m in self.methods)} "
                           "run on the gathered reference path", stacklevel=3)  # fmt: skip
         return None
@@ -299,6 +307,7 @@ class Pruner:
                      attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:  # fmt: skip
         """A decode call from the anchor layer on, through the decode backend (VisionPulse alone)."""
         from vpstudy.kernels.layout import KeyLayout
+        from vpstudy.kernels.reference import block_cover
 
         state, layer, method = self._state, module.layer_idx, self._fast
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
@@ -313,8 +322,11 @@ class Pruner:
             started = time.perf_counter()
             selection = self.backend.anchor_select(query[:, :, -1], key, layout, method.rule, scale=scaling,
                                                    score=method.score)  # fmt: skip
-            state.cache["kept"] = selection.kept
-            keep = selection.kept.token_mask(layout.visual_len, state.valid.shape[1])
+            kept = selection.kept
+            if self.kept_block > 1:
+                kept = block_cover(kept, layout.visual_len, self.kept_block)
+            state.cache["kept"] = kept
+            keep = kept.token_mask(layout.visual_len, state.valid.shape[1])
             state.current[(0, 0)] = keep
             self.decision_s += time.perf_counter() - started
         keep = state.current[(0, 0)]
