@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .annotations import AnnotationError
+from .bench.latency import BenchError
+from .bench.latency import add_arguments as add_bench_arguments
 from .budget import BudgetRuleError
 from .datasets import DatasetError
 from .families import UnsupportedFamilyError
@@ -27,7 +29,8 @@ from .runs import RunStoreError
 from .stats.tables import AnalysisError
 
 USER_ERRORS = (OrganismError, DatasetError, UnsupportedFamilyError, ModelLoadError, InputError, RecorderError,
-               RunStoreError, AnalysisError, AnnotationError, BudgetRuleError, PruningError, ScoringError)  # fmt: skip
+               RunStoreError, AnalysisError, AnnotationError, BudgetRuleError, PruningError, ScoringError,
+               BenchError)  # fmt: skip
 
 
 def _positive(text: str) -> int:
@@ -165,6 +168,22 @@ def _train_organism(args: argparse.Namespace) -> str:
     )
 
 
+def _bench(args: argparse.Namespace) -> str:
+    """The latency benchmark (paper Figure 5): dense vs VisionPulse prefill and decode time."""
+    from .bench.latency import merge_command, protocol_from_args, run
+
+    if args.merge:
+        result, path = merge_command(args)
+        return f"{len(result['rows'])} timed runs of {len(args.merge)} latency results joined into {path}"
+    protocol = protocol_from_args(args)
+    result, path = run(args, protocol, argv=args.argv, command="vpstudy " + shlex.join(args.argv),
+                       progress=not args.no_progress)  # fmt: skip
+    contexts = ", ".join(f"{n:,}" for n in protocol.visual_tokens)
+    return (f"latency of dense and visionpulse at N_v {contexts} on {result['device']['name']} "
+            f"({len(result['rows'])} timed runs) written to {path}; draw it with "
+            f"`vpstudy figures RUN... --out DIR --bench {path.parent}`")  # fmt: skip
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors on one line (``vpstudy <command>: error: ...``), exit 2."""
 
@@ -274,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=_positive, default=32)
     _resampling_arguments(demo)
     demo.set_defaults(run=_demo)
+
+    bench = sub.add_parser("bench", help="prefill/decode latency of VisionPulse vs dense (paper Figure 5)",
+                           description="Prefill and decode latency of VisionPulse (physical mode) vs dense decoding at "
+                                       "long visual contexts, with a memory roofline (bench/README.md). Defaults: the "
+                                       "GPU protocol on CUDA, a scaled-down one on CPU (--device cpu).")  # fmt: skip
+    add_bench_arguments(bench)
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -36,17 +37,67 @@ def load_average() -> list[float] | None:
         return None
 
 
+def cpu_device(load_before: list[float] | None = None, load_after: list[float] | None = None) -> dict[str, Any]:
+    """The CPU as a result's ``device`` block: model name, logical CPUs, torch threads, and the
+    load average before and after the run."""
+    return {"type": "cpu", "name": cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_before": load_before, "load_average_after": load_after}  # fmt: skip
+
+
+def cuda_device(device: torch.device | str = "cuda", load_before: list[float] | None = None,
+                load_after: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
+    """A CUDA device as a result's ``device`` block: its name, compute capability, memory (bytes)
+    and multiprocessors, the CUDA and cuDNN versions torch was built with, and the host's CPU
+    fields (:func:`cpu_device`) under ``host``."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    props = torch.cuda.get_device_properties(index)
+    return {
+        "type": "cuda",
+        "name": props.name,
+        "index": index,
+        "capability": f"{props.major}.{props.minor}",
+        "memory_bytes": int(props.total_memory),
+        "multiprocessors": int(props.multi_processor_count),
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "device_count": torch.cuda.device_count(),
+        "host": cpu_device(load_before, load_after),
+    }
+
+
+def device_block(device: torch.device | str | None, load_before: list[float] | None,
+                 load_after: list[float] | None) -> dict[str, Any]:  # fmt: skip
+    """:func:`cuda_device` when ``device`` is a CUDA device, else :func:`cpu_device`."""
+    if device is not None and torch.device(device).type == "cuda":
+        return cuda_device(device, load_before, load_after)
+    return cpu_device(load_before, load_after)
+
+
+def device_kind(block: dict[str, Any]) -> str:
+    """A short file-name tag for a device block: ``cpu``, or the CUDA device's name in lower case
+    without the vendor (``"NVIDIA H100 80GB HBM3"`` -> ``h100-80gb-hbm3``)."""
+    if block.get("type") != "cuda":
+        return "cpu"
+    words = [w for w in re.split(r"[^a-z0-9]+", str(block.get("name", "")).lower()) if w and w != "nvidia"]
+    return "-".join(words) or "cuda"
+
+
 def result_header(module: str, argv: Sequence[str] | None, load_before: list[float] | None,
-                  load_after: list[float] | None) -> dict[str, Any]:  # fmt: skip
-    """Benchmark name, UTC date, the exact command, the CPU device (with the load average before
-    and after) and package versions."""
-    command = [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
+                  load_after: list[float] | None, *, device: torch.device | str | None = None,
+                  command: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Benchmark name, UTC date, the exact command, the device (:func:`device_block`: the CPU with
+    the load average before and after, or the CUDA device the run used) and package versions.
+
+    ``command`` replaces the default ``python -m <module> <argv>`` (e.g. ``vpstudy bench ...``).
+    """
+    if command is None:
+        command = shlex.join([sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)])
     return {
         "benchmark": module,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(command),
-        "device": {"type": "cpu", "name": cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                   "load_average_before": load_before, "load_average_after": load_after},  # fmt: skip
+        "command": command,
+        "device": device_block(device, load_before, load_after),
         "versions": package_versions(),
     }
 
