@@ -179,7 +179,7 @@ def _bench(args: argparse.Namespace) -> str:
     result, path = run(args, protocol, argv=args.argv, command="vpstudy " + shlex.join(args.argv),
                        progress=not args.no_progress)  # fmt: skip
     contexts = ", ".join(f"{n:,}" for n in protocol.visual_tokens)
-    return (f"latency of dense and visionpulse at N_v {contexts} on {result['device']['name']} "
+    return (f"latency of {', '.join(protocol.methods)} at N_v {contexts} on {result['device']['name']} "
             f"({len(result['rows'])} timed runs) written to {path}; draw it with "
             f"`vpstudy figures RUN... --out DIR --bench {path.parent}`")  # fmt: skip
 
