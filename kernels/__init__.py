@@ -21,6 +21,12 @@ import torch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 256)  # smallest and largest head dim the kernels take (padded to a power of two)
+BLOCK_H = 16  # smallest query-head tile of tl.dot (GQA groups are padded to it)
+
+
+def pow2_at_least(n: int, least: int = 1) -> int:
+    """The smallest power of two ≥ ``n`` and ≥ ``least`` (Triton tile sizes)."""
+    return max(least, 1 << max(0, n - 1).bit_length())
 
 
 def interpreting() -> bool:

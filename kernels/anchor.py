@@ -25,11 +25,11 @@ import torch
 
 from vpstudy.budget import BudgetRule, parse_signal
 
+from . import BLOCK_H, pow2_at_least
 from .layout import AnchorSelection, KeptSet, KeyLayout, LayoutError, check_decode_inputs
 from .reference import SCORES
 
 BLOCK_N = 64  # keys per program of the first pass
-BLOCK_H = 16  # smallest query-head tile of tl.dot
 BLOCK_C = 64  # key blocks merged per iteration of the second pass
 BLOCK_V = 128  # visual tokens per iteration when scoring
 BLOCK_K = 1024  # visual tokens per iteration when counting and compacting
@@ -186,9 +186,6 @@ def _anchor_select(stats_ptr, logits_ptr, vlen_ptr, mass_ptr, head_tau_ptr, sign
         ties += tl.sum(tie, 0)
 
 
-def _pow2(n: int, least: int = 1) -> int:
-    return max(least, triton.next_power_of_2(n))
-
 
 def anchor_select(query: torch.Tensor, key: torch.Tensor, layout: KeyLayout, rule: BudgetRule, *, scale: float,
                   score: str = "logits") -> AnchorSelection:  # fmt: skip
@@ -221,12 +218,12 @@ def anchor_select(query: torch.Tensor, key: torch.Tensor, layout: KeyLayout, rul
     _anchor_partials[(batch * kv_heads, n_blocks)](
         query, key, layout.start, layout.end, layout.visual_start, layout.visual_len, logits, stats,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2), float(scale), 1.0 / tau,
-        width, n_blocks, H_KV=kv_heads, G=group, G_PAD=_pow2(group, BLOCK_H), D=dim, D_PAD=_pow2(dim, 16),
+        width, n_blocks, H_KV=kv_heads, G=group, G_PAD=pow2_at_least(group, BLOCK_H), D=dim, D_PAD=pow2_at_least(dim, 16),
         BLOCK=BLOCK_N, PRECISION=precision)  # fmt: skip
     _anchor_select[(batch,)](
         stats, logits, layout.visual_len, mass, head_tau, signal, scores, keys, kept, count, n_blocks, width,
         float(rule.intercept), float(rule.slope), float(rule.b_min), float(rule.b_max), H=heads,
-        H_PAD=_pow2(heads), BLOCK_C=BLOCK_C, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, SIGNAL_MEAN=kind == "mass",
+        H_PAD=pow2_at_least(heads), BLOCK_C=BLOCK_C, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, SIGNAL_MEAN=kind == "mass",
         SCORE_PROBS=score == "probs", CEIL=rule.rounding == "ceil")  # fmt: skip
     return AnchorSelection(mass=mass, head_mass_tau=head_tau, signal=signal, scores=scores,
                            kept=KeptSet(kept, count))  # fmt: skip

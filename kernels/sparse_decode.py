@@ -21,11 +21,10 @@ import triton
 import triton.language as tl
 import torch
 
-from . import interpreting
+from . import BLOCK_H, interpreting, pow2_at_least
 from .layout import KeptSet, KeyLayout, LayoutError, check_decode_inputs
 
 BLOCK_N = 64  # keys per iteration
-BLOCK_H = 16  # smallest query-head tile of tl.dot
 LOG2E = 1.4426950408889634
 
 
@@ -111,9 +110,6 @@ def _combine(part_ptr, part_lse_ptr, out_ptr, lse_ptr, stride_ob, stride_oh, n_s
     tl.store(lse_ptr + pid, tl.where(total > 0, m_safe + tl.log(total), float("-inf")))
 
 
-def _pow2(n: int, least: int = 1) -> int:
-    return max(least, triton.next_power_of_2(n))
-
 
 def default_splits(batch: int, kv_heads: int, n_slots: int, device: torch.device) -> int:
     """Splits of each sequence's keys: enough programs for about four per streaming multiprocessor
@@ -142,7 +138,7 @@ def sparse_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, l
     kv_heads, n_slots = key.shape[1], key.shape[2]
     group = heads // kv_heads
     n_splits = splits or default_splits(batch, kv_heads, n_slots, query.device)
-    d_pad = _pow2(dim, 16)
+    d_pad = pow2_at_least(dim, 16)
     part = torch.empty(batch * heads * n_splits, d_pad, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(batch * heads * n_splits, dtype=torch.float32, device=query.device)
     out = torch.empty_like(query)
@@ -154,8 +150,8 @@ def sparse_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, l
         query, key, value, layout.start, layout.end, layout.visual_start, layout.visual_len, index, count, part,
         part_lse, query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2), value.stride(0),
         value.stride(1), value.stride(2), index.stride(0), float(scale) * LOG2E, n_splits, H_KV=kv_heads, G=group,
-        G_PAD=_pow2(group, BLOCK_H), D=dim, D_PAD=d_pad, BLOCK=BLOCK_N, KEPT_BLOCK=kept.block if kept else 1,
+        G_PAD=pow2_at_least(group, BLOCK_H), D=dim, D_PAD=d_pad, BLOCK=BLOCK_N, KEPT_BLOCK=kept.block if kept else 1,
         DENSE=kept is None, PRECISION=precision)  # fmt: skip
     _combine[(batch * heads,)](part, part_lse, out, lse, out.stride(0), out.stride(1), n_splits, H=heads,
-                               S_PAD=_pow2(n_splits), D=dim, D_PAD=d_pad)  # fmt: skip
+                               S_PAD=pow2_at_least(n_splits), D=dim, D_PAD=d_pad)  # fmt: skip
     return (out, lse) if return_lse else out

@@ -71,6 +71,12 @@ def apply_row_mask(logits: torch.Tensor, mask_row: torch.Tensor | None) -> torch
     return logits + mask_row.float()
 
 
+def as_visible(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as transformers passes it, as booleans (True = visible): boolean masks as they are,
+    additive float masks (0 / dtype-min) by their sign."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 def visible_range(mask_row: torch.Tensor | None, batch: int, n_keys: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """First visible key and one past the last, per row ([B] int32 each), of a decode call's mask
@@ -79,9 +85,7 @@ def visible_range(mask_row: torch.Tensor | None, batch: int, n_keys: int,
     if mask_row is None:
         zeros = torch.zeros(batch, dtype=torch.int32, device=device)
         return zeros, zeros + n_keys
-    row = mask_row[:, 0, :]
-    visible = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    visible = visible.expand(batch, n_keys).to(torch.int32)
+    visible = as_visible(mask_row[:, 0, :]).expand(batch, n_keys).to(torch.int32)
     start = visible.argmax(-1)
     end = n_keys - visible.flip(-1).argmax(-1)
     return start.to(torch.int32), end.to(torch.int32)

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from ..attention import visible_range
-from ..families import TextGeometry
 from ..hooks import AttentionSwap
 from .choose import Backend, choose_backend
 
@@ -43,7 +42,6 @@ class DenseDecode:
         self.model, self.backend_name = model, backend
         self.backend: Backend | None = None
         self.calls = 0  # decode forwards routed (counted at the first text layer)
-        self.n_layers = TextGeometry.of(model.config).num_layers
         self._swap = AttentionSwap(model, DENSE_PREFIX, _dense)
 
     def __enter__(self) -> DenseDecode:

@@ -208,7 +208,7 @@ def sparse_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, l
     """
     check_decode_inputs(query, key, value, layout)
     _require(query, key, value)
-    keep = None if kept is None else kept.token_mask(layout.visual_len, int(layout.visual_len.max()))  # [B, N]
+    keep = None if kept is None else kept.token_mask(layout.visual_len, layout.visual_width)  # [B, N]
     outs, lses = [], []
     for b, bounds in enumerate(_host_bounds(layout, key.shape[2])):
         segments = [(key[b, :, s:e], value[b, :, s:e]) for s, e in _nonvisual(bounds)]

@@ -39,7 +39,7 @@ import torch
 
 from vpstudy.backends.choose import NAMES, choose_backend
 from vpstudy.bench.latency import measure_bandwidth
-from vpstudy.bench.results import load_average, result_header, write_result
+from vpstudy.bench.results import kernel_versions, load_average, result_header, write_result
 from vpstudy.budget import BudgetRule
 from vpstudy.kernels.layout import KeyLayout
 from vpstudy.kernels.reference import block_cover
@@ -186,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {
         **result_header("vpstudy.bench.kernels", argv, load_before, load_average(), device=device),
         "kind": "kernels",
+        "extra_versions": kernel_versions(),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "bandwidth_bytes_per_s": bandwidth,
         "rows": rows,

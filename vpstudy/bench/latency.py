@@ -57,7 +57,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,7 @@ import torch
 from tqdm import tqdm
 
 from vpstudy.bench.recording import image_grid
-from vpstudy.bench.results import device_kind, load_average, result_header, write_result
+from vpstudy.bench.results import device_kind, kernel_versions, load_average, result_header, write_result
 from vpstudy.families import mrope_section
 from vpstudy.backends.dense import DenseDecode
 from vpstudy.pruning import Pruner, VisionPulse
@@ -518,13 +517,12 @@ def kept_counts(pruner: Pruner, steps: int, n_visual: int) -> np.ndarray:
     """[steps, B] visual tokens visible at the deepest layer on the last ``steps`` forwards.
 
     Raises:
-        BenchError: the pruner did not see all N_v visual tokens (a chunked prefill it does not follow).
+        BenchError: the pruner did not see all N_v visual tokens.
     """
     traces = pruner.kept()
     seen = sorted({int(trace.counts[-1, 0]) for trace in traces})  # layer 0 < anchor: every visual token
     if seen != [n_visual]:
-        raise BenchError(f"the pruner found {seen} of {n_visual} visual tokens: it does not follow a chunked "
-                         "prefill yet; pass --prefill-chunk 0 (one prefill forward)")  # fmt: skip
+        raise BenchError(f"the pruner found {seen} of {n_visual} visual tokens in the prompt")
     return np.stack([trace.counts[-steps:, -1] for trace in traces], axis=1)
 
 
@@ -664,16 +662,6 @@ def default_path(device_block: dict[str, Any]) -> Path:
     """``bench/results/latency-<device kind>-<UTC date>.json``."""
     date = dt.datetime.now(dt.timezone.utc).date().isoformat()
     return Path("bench") / "results" / f"latency-{device_kind(device_block)}-{date}.json"
-
-
-def _extra_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for package in ("triton", "xformers"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = None
-    return out
 
 
 def measure(model: Any, protocol: Protocol, bandwidth: float, progress: bool = True) -> list[dict[str, Any]]:
@@ -829,7 +817,7 @@ def run(args: argparse.Namespace, protocol: Protocol, *, argv: Sequence[str] | N
     result = {
         "kind": "latency",
         **header,
-        "extra_versions": _extra_versions(),
+        "extra_versions": kernel_versions(),
         "protocol": protocol.as_json(),
         "model": {"class": type(model).__name__, "family": "qwen3_vl", "text_parameters": n_params,
                   "parameter_bytes": n_params * protocol.dtype_bytes, "anchor": anchor_of(protocol),

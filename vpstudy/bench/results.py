@@ -10,12 +10,24 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..provenance import package_versions
+
+
+def kernel_versions() -> dict[str, str | None]:
+    """Versions of the kernel libraries a fast-path timing depends on (None where absent)."""
+    out: dict[str, str | None] = {}
+    for package in ("triton", "xformers"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    return out
 
 
 def cpu_name() -> str:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..attention import apply_row_mask, row_logits, visible_range
+from ..attention import apply_row_mask, as_visible, row_logits, visible_range
 from ..backends.choose import NAMES as BACKENDS
 from ..backends.choose import Backend, choose_backend
 from ..families import FamilySpec, TextGeometry
@@ -318,7 +318,7 @@ class Pruner:
             state.cache["layout"] = KeyLayout(start, end, state.visual_index[:, 0].to(torch.int32),
                                               state.n_visual.to(torch.int32), state.valid.shape[1])  # fmt: skip
         layout = state.cache["layout"]
-        if layer == method.stages(self.n_layers)[0].decide_at:
+        if layer == self._first_layer:  # the fast path's one stage decides here
             started = time.perf_counter()
             selection = self.backend.anchor_select(query[:, :, -1], key, layout, method.rule, scale=scaling,
                                                    score=method.score)  # fmt: skip
@@ -412,9 +412,7 @@ def _visible(attention_mask: torch.Tensor | None, n_queries: int, n_keys: int, d
     if attention_mask is None:
         queries = torch.arange(n_keys - n_queries, n_keys, device=device)
         return (torch.arange(n_keys, device=device)[None, :] <= queries[:, None])[None, None]
-    if attention_mask.dtype == torch.bool:
-        return attention_mask
-    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    return as_visible(attention_mask)
 
 
 def _as_mask(visible: torch.Tensor, final_base: str, dtype: torch.dtype) -> torch.Tensor:
