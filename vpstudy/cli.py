@@ -150,15 +150,19 @@ def _demo(args: argparse.Namespace) -> str:
 
 
 def _train_organism(args: argparse.Namespace) -> str:
-    from .organism.model import default_architecture
-    from .organism.train import TrainSettings, train
+    from dataclasses import replace
 
-    settings = TrainSettings(
-        family=args.family, seed=args.seed, steps=args.steps, batch_size=args.batch_size, threads=args.threads,
-        eval_every=args.eval_every, probe_weight=args.probe_weight, lr=args.lr,
-        arch=default_architecture(args.family, **{k: v for k, v in (("text_layers", args.text_layers),
-                                                                    ("text_hidden", args.text_hidden)) if v is not None}),
-    )  # fmt: skip
+    from .organism.model import check_family
+    from .organism.train import recipe_settings, train
+
+    check_family(args.family)
+    base = recipe_settings(args.recipe, args.family)
+    given = {k: v for k, v in vars(args).items()
+             if k in ("steps", "batch_size", "threads", "eval_every", "probe_weight", "lr", "text_mass_weight",
+                      "init_from") and v is not None}  # fmt: skip
+    arch = replace(base.arch, **{k: v for k, v in (("text_layers", args.text_layers), ("text_hidden", args.text_hidden))
+                                 if v is not None})  # fmt: skip
+    settings = recipe_settings(args.recipe, args.family, seed=args.seed, arch=arch, **given)
     manifest = train(settings, args.out, overwrite=args.overwrite)
     val = manifest["final_validation"]
     return (
@@ -224,14 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     org.add_argument("--family", required=True, help="organism family: llava or qwen2_vl")
     org.add_argument("--out", required=True, help="output directory (refuses one holding a different model)")
     org.add_argument("--seed", type=int, required=True, help="seed of weights and training data (an integer)")
-    org.add_argument("--steps", type=_positive, default=6000, help="optimizer steps (default: 6000)")
-    org.add_argument("--batch-size", type=_positive, default=32)
-    org.add_argument("--threads", type=_positive, default=1,
-                     help="torch CPU threads (default: 1; part of what makes a run reproducible)")
-    org.add_argument("--eval-every", type=_positive, default=250, help="decode the validation set every N steps")
-    org.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: 1e-3)")
-    org.add_argument("--probe-weight", type=float, default=1.0,
+    org.add_argument("--recipe", default="v1", choices=["v1", "v2"],
+                     help="v1: 64 visual tokens, the five v1 question types (the first shipped organisms); v2: 256 "
+                          "visual tokens, 8 text layers, text-only arithmetic stretches, the visual-mass lever "
+                          "(default: v1)")
+    org.add_argument("--steps", type=_positive, default=None, help="optimizer steps (default: v1 6000, v2 3000)")
+    org.add_argument("--batch-size", type=_positive, default=None, help="examples per step (default: 32)")
+    org.add_argument("--threads", type=_positive, default=None,
+                     help="torch CPU threads (default: v1 1, v2 2; part of what makes a run reproducible)")
+    org.add_argument("--eval-every", type=_positive, default=None, help="decode the validation set every N steps (250)")
+    org.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: 1e-3)")
+    org.add_argument("--probe-weight", type=float, default=None,
                      help="weight of the training-only patch probe loss on the vision features (default: 1)")
+    org.add_argument("--text-mass-weight", type=float, default=None,
+                     help="weight of the training-only visual-mass lever on text-only rows (default: v1 0, v2 1)")
+    org.add_argument("--init-from", default=None,
+                     help="warm-start the text model from this organism directory (e.g. data/organism-llava)")
     org.add_argument("--text-layers", type=_positive, default=None,
                      help="text decoder layers (default: the shipped organism's: llava 6, qwen2_vl 4)")
     org.add_argument("--text-hidden", type=_positive, default=None, help="text width (default: 128)")

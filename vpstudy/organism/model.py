@@ -60,6 +60,12 @@ class Architecture:
     kv_heads: int = 2
     vision_hidden: int = 64
     vision_layers: int = 2
+    patch: int = 8  # pixels per visual token side: 8 gives 64 visual tokens, 4 gives 256
+
+    @property
+    def tokens_per_side(self) -> int:
+        """Visual tokens per image side (the token grid is this squared, row-major)."""
+        return IMAGE_PX // self.patch
 
 
 def default_architecture(family: str, **overrides: Any) -> Architecture:
@@ -79,8 +85,8 @@ class Parts:
     save_processor: Callable[[], Any] | None
 
 
-def _tokenizer(family: str) -> Any:
-    tokenizer = make_tokenizer(get_family(family), vocabulary())
+def _tokenizer(family: str, task: str) -> Any:
+    tokenizer = make_tokenizer(get_family(family), vocabulary(task))
     tokenizer.chat_template = chat_template(get_family(family).image_prompt, PREAMBLE)
     return tokenizer
 
@@ -93,16 +99,17 @@ def _text(tokenizer: Any, arch: Architecture, **extra: Any) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def build_parts(family: str, arch: Architecture | None = None) -> Parts:
-    """Config, tokenizer and processors of an untrained organism of ``family``."""
+def build_parts(family: str, arch: Architecture | None = None, task: str = "v1") -> Parts:
+    """Config, tokenizer and processors of an untrained organism of ``family`` for the task
+    version ``task`` (its vocabulary; :data:`vpstudy.organism.tasks.TASKS`)."""
     arch = arch or default_architecture(family)
     check_family(family)
-    tokenizer = _tokenizer(family)
+    tokenizer = _tokenizer(family, task)
     spec = get_family(family)
     if family == "llava":
         from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
 
-        patch = 8
+        patch = arch.patch
         vision = CLIPVisionConfig(
             hidden_size=arch.vision_hidden, intermediate_size=2 * arch.vision_hidden,
             num_hidden_layers=arch.vision_layers, num_attention_heads=4, image_size=IMAGE_PX, patch_size=patch,
@@ -136,7 +143,7 @@ def build_parts(family: str, arch: Architecture | None = None) -> Parts:
         text_config=_text(tokenizer, arch, rope_parameters=rope),
         vision_config=dict(
             depth=arch.vision_layers, embed_dim=arch.vision_hidden, hidden_size=arch.text_hidden, num_heads=4,
-            mlp_ratio=2, patch_size=8, spatial_merge_size=1, temporal_patch_size=2,
+            mlp_ratio=2, patch_size=arch.patch, spatial_merge_size=1, temporal_patch_size=2,
         ),  # fmt: skip
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
@@ -144,7 +151,7 @@ def build_parts(family: str, arch: Architecture | None = None) -> Parts:
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     )
     image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=IMAGE_PX * IMAGE_PX, max_pixels=IMAGE_PX * IMAGE_PX, patch_size=8, merge_size=1
+        min_pixels=IMAGE_PX * IMAGE_PX, max_pixels=IMAGE_PX * IMAGE_PX, patch_size=arch.patch, merge_size=1
     )
     processor = FallbackProcessor(spec, tokenizer, image_processor, config)
     return Parts(config, tokenizer, image_processor, processor, None)

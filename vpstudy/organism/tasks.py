@@ -20,6 +20,18 @@ Question types (see :data:`QUESTION_TYPES`):
 ``compare``   more red or blue objects ?        ``red : b2 d1 ; blue : a4 ; 2 vs 1 ; answer red``
 ``lookup``    what is at b3 ?                   ``b3 is green ring ; answer green ring``
 
+The second task version (:data:`TASKS` ``"v2"``, the organism v2's) adds two question types whose
+traces hold *text-only stretches that need the text*: arithmetic over numbers or cells already
+written in the trace, which the image cannot give and the model has to read back from its own
+words (:data:`QUESTION_TYPES_V2`):
+
+``sum``       how many red and blue objects ?   ``red : b2 d1 ; blue : a4 ; 2 plus 1 is 3 ; answer 3``
+``distance``  how far is the red ring from the blue square ?
+              ``red ring at b2 ; blue square at d1 ; rows 2 plus columns 1 is 3 ; answer 3``
+
+(``distance`` is the grid (Manhattan) distance: rows apart plus columns apart, both read off the
+two cell names the trace has just written.)
+
 Everything is deterministic from a ``numpy.random.Generator``: :func:`generate` with the same
 seed gives the same examples.
 """
@@ -47,6 +59,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("square", "ring")
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "above": (-1, 0), "below": (1, 0)}
 QUESTION_TYPES = ("count", "neighbour", "exist", "compare", "lookup")
+QUESTION_TYPES_V2 = (*QUESTION_TYPES, "sum", "distance")
 BACKGROUND = (25, 25, 30)
 MIN_OBJECTS, MAX_OBJECTS = 4, 7
 
@@ -64,13 +77,23 @@ def cell_index(name: str) -> int:
 CELL_NAMES = [cell_name(i) for i in range(GRID * GRID)]
 
 
-def vocabulary() -> list[str]:
-    """Every word a question or trace can hold (the tokenizer's task vocabulary)."""
+V2_WORDS = ("and", "plus", "rows", "columns", "far", "from")
+
+
+def vocabulary(task: str = "v1") -> list[str]:
+    """Every word a question or trace of ``task`` can hold (the tokenizer's task vocabulary).
+
+    The v2 vocabulary is v1's followed by :data:`V2_WORDS`, so every v1 word keeps its token id."""
     words = ["how", "many", "objects", "what", "is", "at", "of", "the", "there", "a", "more", "or",
              "right", "left", "above", "below", "count", "answer", "none", "vs", "same", "yes", "no",
              "empty", ":", ";", "?", "you", "see", "grid"]  # fmt: skip
     numbers = [str(n) for n in range(GRID * GRID + 1)]
-    return list(dict.fromkeys(words + list(COLOURS) + list(SHAPES) + CELL_NAMES + numbers))
+    v1 = list(dict.fromkeys(words + list(COLOURS) + list(SHAPES) + CELL_NAMES + numbers))
+    if task == "v1":
+        return v1
+    if task == "v2":
+        return list(dict.fromkeys(v1 + list(V2_WORDS)))
+    raise ValueError(f"unknown task version {task!r}; expected one of {', '.join(TASKS)}")
 
 
 @dataclass(frozen=True)
@@ -188,6 +211,14 @@ def _describe(trace: _Trace, scene: Scene, cell: int) -> list[str]:
     return [obj.colour, obj.shape]
 
 
+def _unique_objects(scene: Scene) -> list[Obj]:
+    """The objects no other object shares colour and shape with (a question can name them)."""
+    counts: dict[tuple[str, str], int] = {}
+    for o in scene.objects:
+        counts[o.colour, o.shape] = counts.get((o.colour, o.shape), 0) + 1
+    return [o for o in scene.objects if counts[o.colour, o.shape] == 1]
+
+
 def random_scene(rng: np.random.Generator) -> Scene:
     """4–7 objects in distinct cells with random colours, shapes and a small colour jitter."""
     n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
@@ -240,10 +271,7 @@ def make_example(scene: Scene, qtype: str, rng: np.random.Generator) -> Example 
         content = _describe(t, scene, cell)
         t.text(";", "answer", *content)
     elif qtype == "neighbour":
-        counts: dict[tuple[str, str], int] = {}
-        for o in scene.objects:
-            counts[o.colour, o.shape] = counts.get((o.colour, o.shape), 0) + 1
-        unique = [o for o in scene.objects if counts[o.colour, o.shape] == 1]
+        unique = _unique_objects(scene)
         options = []
         for o in unique:
             r, c = divmod(o.cell, GRID)
@@ -262,8 +290,32 @@ def make_example(scene: Scene, qtype: str, rng: np.random.Generator) -> Example 
         t.text(";", direction, "is", cell_name(target), ";", cell_name(target), "is")
         content = _describe(t, scene, target)
         t.text(";", "answer", *content)
+    elif qtype == "sum":
+        first = _pick_colour(scene, rng)
+        others = [c for c in colours if c != first]
+        second = others[int(rng.integers(len(others)))]
+        if rng.random() < 0.5:
+            first, second = second, first
+        question = f"how many {first} and {second} objects ?"
+        n1 = len(_list_colour(t, scene, first, with_shape=False))
+        n2 = len(_list_colour(t, scene, second, with_shape=False))
+        t.text(str(n1), "plus", str(n2), "is", str(n1 + n2), ";", "answer", str(n1 + n2))
+    elif qtype == "distance":
+        unique = _unique_objects(scene)
+        if len(unique) < 2:
+            return None
+        picks = rng.choice(len(unique), size=2, replace=False)
+        a, b = unique[int(picks[0])], unique[int(picks[1])]
+        question = f"how far is the {a.colour} {a.shape} from the {b.colour} {b.shape} ?"
+        for obj in (a, b):
+            t.text(obj.colour, obj.shape, "at")
+            t.read(cell_name(obj.cell), [obj.cell])
+            t.text(";")
+        rows, columns = abs(a.cell // GRID - b.cell // GRID), abs(a.cell % GRID - b.cell % GRID)
+        t.text("rows", str(rows), "plus", "columns", str(columns), "is", str(rows + columns), ";", "answer",
+               str(rows + columns))
     else:
-        raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
+        raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES_V2}")
     return Example(scene, qtype, question, t.words, t.cells, t.reads)
 
 
@@ -283,6 +335,8 @@ def generate(n: int, seed: int, qtypes: tuple[str, ...] = QUESTION_TYPES) -> lis
 
 
 N_CONTENT_CLASSES = 1 + len(COLOURS) * len(SHAPES)
+# question types of each task version
+TASKS: dict[str, tuple[str, ...]] = {"v1": QUESTION_TYPES, "v2": QUESTION_TYPES_V2}
 
 
 def token_cell_index(tokens_per_side: int = 8) -> np.ndarray:
