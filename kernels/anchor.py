@@ -14,7 +14,7 @@ Two launches, no host synchronisation between them:
    largest score exactly by bisection on the scores' order-preserving integer keys; and writes
    the kept indices in ascending order, ties to the lower index (the reference's stable sort).
 
-Reference: :func:`vpstudy.kernels.reference.anchor_select`.
+Reference: :func:`vpstudy.backends.reference.anchor_select`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import triton
 import triton.language as tl
 import torch
 
-from vpstudy.budget import BudgetRule, parse_signal
+from vpstudy.rules import BudgetRule, parse_signal
 
 from . import BLOCK_H, pow2_at_least
-from .layout import AnchorSelection, KeptSet, KeyLayout, LayoutError, check_decode_inputs
-from .reference import SCORES
+from vpstudy.backends.layout import AnchorSelection, KeptSet, KeyLayout, LayoutError, check_decode_inputs
+from vpstudy.backends.reference import SCORES
 
 BLOCK_N = 64  # keys per program of the first pass
 BLOCK_C = 64  # key blocks merged per iteration of the second pass
@@ -190,7 +190,7 @@ def _anchor_select(stats_ptr, logits_ptr, vlen_ptr, mass_ptr, head_tau_ptr, sign
 def anchor_select(query: torch.Tensor, key: torch.Tensor, layout: KeyLayout, rule: BudgetRule, *, scale: float,
                   score: str = "logits") -> AnchorSelection:  # fmt: skip
     """The anchor layer's decision (Triton); arguments and result as
-    :func:`vpstudy.kernels.reference.anchor_select`."""
+    :func:`vpstudy.backends.reference.anchor_select`."""
     if score not in SCORES:
         raise LayoutError(f"score must be one of {SCORES}, got {score!r}")
     check_decode_inputs(query, key, None, layout)

@@ -10,7 +10,7 @@ Split-K ("flash decoding"): grid (B · H_kv, splits). A program takes one slice 
 sequence's virtual list for all query heads of its KV head (GQA: one read of each key serves the
 whole group), keeps an online softmax in float32 and writes a partial output and its
 log-sum-exp; ``_combine`` merges the splits. Reference:
-:func:`vpstudy.kernels.reference.sparse_decode`.
+:func:`vpstudy.backends.reference.sparse_decode`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import triton.language as tl
 import torch
 
 from . import BLOCK_H, interpreting, pow2_at_least
-from .layout import KeptSet, KeyLayout, LayoutError, check_decode_inputs
+from vpstudy.backends.layout import KeptSet, KeyLayout, LayoutError, check_decode_inputs
 
 BLOCK_N = 64  # keys per iteration
 LOG2E = 1.4426950408889634
@@ -125,7 +125,7 @@ def sparse_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, l
                   kept: KeptSet | None, *, scale: float, return_lse: bool = False,
                   splits: int | None = None):  # fmt: skip
     """Decode attention over the non-visual keys and the kept visual keys (Triton); arguments and
-    result as :func:`vpstudy.kernels.reference.sparse_decode`. ``splits``: key splits per
+    result as :func:`vpstudy.backends.reference.sparse_decode`. ``splits``: key splits per
     sequence (default :func:`default_splits`)."""
     check_decode_inputs(query, key, value, layout)
     if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1:

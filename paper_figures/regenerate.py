@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vpstudy.budget import BudgetRuleError
+from vpstudy.rules import BudgetRuleError
 from vpstudy.figures import FigureInputError, write_figures
 from vpstudy.runs import RunStoreError
 from vpstudy.stats import AnalysisError

@@ -25,13 +25,14 @@ def planted_organism_run(root: Path) -> tuple[Any, Any, dict[str, list]]:
     refer to cells (elsewhere otherwise) and gives image-reading steps more mass; the other
     layers are flat. Returns (opened run, dataset, truth)."""
     import vpstudy
-    from vpstudy.budget import anchor_layer
+    from vpstudy.rules import anchor_layer
     from vpstudy.collect import sample_tables
     from vpstudy.datasets import load_dataset
     from vpstudy.organism.model import build_parts
     from vpstudy.organism.shipped import write_eval_set
     from vpstudy.organism.tasks import CELL_NAMES, cell_index, token_cells_to_visual
-    from vpstudy.recorder import SampleTrace, Threshold
+    from vpstudy.recorder import SampleTrace
+    from vpstudy.rules import Threshold
     from vpstudy.runs import RunWriter
 
     dataset = load_dataset(write_eval_set(root / "data", n=8, seed=3))

@@ -20,9 +20,9 @@ import torch
 
 from vpstudy.backends import BackendUnavailable
 from vpstudy.backends import xformers as xf
-from vpstudy.budget import BudgetRule
-from vpstudy.kernels import reference
-from vpstudy.kernels.layout import AnchorSelection, KeptSet, KeyLayout, LayoutError
+from vpstudy.rules import BudgetRule
+from vpstudy.backends import reference
+from vpstudy.backends.layout import AnchorSelection, KeptSet, KeyLayout, LayoutError
 
 
 def _random_rows(seed: int, batch: int) -> list[tuple[int, int, int, int]]:

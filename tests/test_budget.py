@@ -12,7 +12,8 @@ import pytest
 from helpers import snapshot
 
 import vpstudy
-from vpstudy.budget import BudgetRule, BudgetRuleError, fit_budget, prediction_stats
+from vpstudy.rules import BudgetRule, BudgetRuleError
+from vpstudy.stats.fit import fit_budget, prediction_stats
 from vpstudy.cli import main
 from vpstudy.runs import RunWriter
 from vpstudy.stats import AnalysisError

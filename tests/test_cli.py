@@ -17,7 +17,7 @@ import pytest
 from helpers import snapshot
 
 import vpstudy
-from vpstudy.budget import BudgetRule
+from vpstudy.rules import BudgetRule
 from vpstudy.cli import main
 from vpstudy.testing import make_tiny_dataset
 

@@ -12,7 +12,7 @@ import pytest
 from helpers import snapshot
 
 import vpstudy
-from vpstudy.budget import BudgetRule
+from vpstudy.rules import BudgetRule
 from vpstudy.cli import main
 from vpstudy.organism.shipped import eval_set_path, organism_dir
 from vpstudy.pruning import FastV, PruningError, TopK, VisionPulse

@@ -28,7 +28,8 @@ from vpstudy.figures import (
     write_figures,
 )
 from vpstudy.organism.shipped import write_eval_set
-from vpstudy.recorder import SampleTrace, Threshold
+from vpstudy.recorder import SampleTrace
+from vpstudy.rules import Threshold
 from vpstudy.runs import RunWriter, open_run
 
 N_V, LAYERS = 64, [0, 1, 2, 3]

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import N_V, planted_organism_run
 
-from vpstudy.budget import anchor_layer
+from vpstudy.rules import anchor_layer
 from vpstudy.organism.audit import audit_run, on_path_steps
 from vpstudy.organism.tasks import cell_index, token_cells_to_visual
 

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 import vpstudy
-from vpstudy.budget import BudgetRule
+from vpstudy.rules import BudgetRule
 from vpstudy.families import FAMILIES
 from vpstudy.loading import config_hash
 from vpstudy.processing import format_prompt, prepare_batch
@@ -195,7 +195,7 @@ def test_counts_follow_the_rule_on_hand_built_attention(n_visual):
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
     valid = torch.ones(1, 5, dtype=torch.bool)
-    from vpstudy.pruning.selection import top_p_mask
+    from vpstudy.selection import top_p_mask
 
     assert top_p_mask(probs, 0.5, valid).tolist() == [[False, True, False, True, False]]  # 0.7 >= 0.5
     assert top_p_mask(probs, 0.7, valid).tolist() == [[False, True, False, True, False]]  # exactly reached

@@ -10,7 +10,8 @@ from transformers import AutoModelForImageTextToText
 
 import vpstudy
 from vpstudy.processing import format_prompt, prepare_batch
-from vpstudy.recorder import RecorderError, Threshold, _ACTIVE
+from vpstudy.recorder import RecorderError, _ACTIVE
+from vpstudy.rules import Threshold, ThresholdError
 
 from vpstudy.families import FAMILIES
 
@@ -187,5 +188,5 @@ def test_thresholds_parse():
     assert Threshold.parse("2/Nv").resolve(50) == pytest.approx(0.04)
     assert Threshold.parse("2/Nv").label == "2/Nv" and Threshold.parse(0.0005).label == "0.0005"
     for bad in ["abc", "-0.1", "nan"]:
-        with pytest.raises(RecorderError, match="threshold"):
+        with pytest.raises(ThresholdError, match="threshold"):
             Threshold.parse(bad)

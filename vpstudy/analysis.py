@@ -30,7 +30,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .annotations import AnnotationError, has_annotations, step_annotations
-from .budget import anchor_layer
+from .rules import anchor_layer
 from .datasets import DatasetError, load_dataset
 from .runs import Run, open_run
 from .stats.tables import (

@@ -29,9 +29,10 @@ import pandas as pd
 
 from .datasets import VisionDataset
 from .runs import Run
+from .errors import VpstudyError
 
 
-class AnnotationError(ValueError):
+class AnnotationError(VpstudyError):
     """A dataset's trace annotations are malformed or do not match the run."""
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from .annotations import AnnotationError
 from .bench.latency import BenchError
 from .bench.latency import add_arguments as add_bench_arguments
-from .budget import BudgetRuleError
+from .argtypes import layer_list, positive
+from .rules import BudgetRuleError
 from .datasets import DatasetError
 from .families import UnsupportedFamilyError
 from .loading import ModelLoadError
@@ -31,20 +32,6 @@ from .stats.tables import AnalysisError
 USER_ERRORS = (OrganismError, DatasetError, UnsupportedFamilyError, ModelLoadError, InputError, RecorderError,
                RunStoreError, AnalysisError, AnnotationError, BudgetRuleError, PruningError, ScoringError,
                BenchError)  # fmt: skip
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _layers(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected layer indices like '0,1,5', got {text!r}") from None
 
 
 def _record(args: argparse.Namespace) -> str:
@@ -81,7 +68,7 @@ def _analyze(args: argparse.Namespace) -> str:
 
 
 def _fit_budget(args: argparse.Namespace) -> str:
-    from .budget import fit_budget
+    from .stats.fit import fit_budget
     from .report import rule_lines
     from .runs import open_run
 
@@ -104,7 +91,7 @@ def _figures(args: argparse.Namespace) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> str:
-    from .budget import BudgetRule
+    from .rules import BudgetRule
     from .collect import RecordSettings
     from .datasets import load_dataset
     from .evaluation import compare, evaluate
@@ -197,16 +184,16 @@ class _Parser(argparse.ArgumentParser):
 
 def _decoding_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     """How a dataset is decoded: the same flags for ``record`` and ``evaluate``."""
-    parser.add_argument("--max-new-tokens", type=_positive, default=64)
-    parser.add_argument("--batch-size", type=_positive, default=1)
-    parser.add_argument("--limit", type=_positive, default=None, help=f"{verb} only the first N examples")
+    parser.add_argument("--max-new-tokens", type=positive, default=64)
+    parser.add_argument("--batch-size", type=positive, default=1)
+    parser.add_argument("--limit", type=positive, default=None, help=f"{verb} only the first N examples")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
 
 
 def _resampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n-boot", type=_positive, default=1000, help="bootstrap replicates (resampling samples)")
-    parser.add_argument("--n-perm", type=_positive, default=1000, help="permutations of the correlation p-values")
+    parser.add_argument("--n-boot", type=positive, default=1000, help="bootstrap replicates (resampling samples)")
+    parser.add_argument("--n-perm", type=positive, default=1000, help="permutations of the correlation p-values")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
 
 
@@ -218,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--model", required=True, help="model directory (save_pretrained form)")
     rec.add_argument("--data", required=True, help="dataset: .jsonl, .parquet, or a save_to_disk directory")
     rec.add_argument("--out", required=True, help="run directory (created; an existing run resumes)")
-    rec.add_argument("--layers", type=_layers, default=None, help="text layers to record, e.g. '0,5,17' (default: all)")
+    rec.add_argument("--layers", type=layer_list, default=None, help="text layers to record, e.g. '0,5,17' (default: all)")
     rec.add_argument("--thresholds", nargs="+", default=list(DEFAULT_THRESHOLDS), help="activity thresholds δ")
     _decoding_arguments(rec, "record")
     rec.add_argument("--seed", type=int, default=0, help="torch seed (decoding is greedy; recorded)")
@@ -232,11 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="v1: 64 visual tokens, the five v1 question types (the first shipped organisms); v2: 256 "
                           "visual tokens, 8 text layers, text-only arithmetic stretches, the visual-mass lever "
                           "(default: v1)")
-    org.add_argument("--steps", type=_positive, default=None, help="optimizer steps (default: v1 6000, v2 3000)")
-    org.add_argument("--batch-size", type=_positive, default=None, help="examples per step (default: 32)")
-    org.add_argument("--threads", type=_positive, default=None,
+    org.add_argument("--steps", type=positive, default=None, help="optimizer steps (default: v1 6000, v2 3000)")
+    org.add_argument("--batch-size", type=positive, default=None, help="examples per step (default: 32)")
+    org.add_argument("--threads", type=positive, default=None,
                      help="torch CPU threads (default: v1 1, v2 2; part of what makes a run reproducible)")
-    org.add_argument("--eval-every", type=_positive, default=None, help="decode the validation set every N steps (250)")
+    org.add_argument("--eval-every", type=positive, default=None, help="decode the validation set every N steps (250)")
     org.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: 1e-3)")
     org.add_argument("--probe-weight", type=float, default=None,
                      help="weight of the training-only patch probe loss on the vision features (default: 1)")
@@ -244,9 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weight of the training-only visual-mass lever on text-only rows (default: v1 0, v2 1)")
     org.add_argument("--init-from", default=None,
                      help="warm-start the text model from this organism directory (e.g. data/organism-llava)")
-    org.add_argument("--text-layers", type=_positive, default=None,
+    org.add_argument("--text-layers", type=positive, default=None,
                      help="text decoder layers (default: the shipped organism's: llava 6, qwen2_vl 4)")
-    org.add_argument("--text-hidden", type=_positive, default=None, help="text width (default: 128)")
+    org.add_argument("--text-hidden", type=positive, default=None, help="text width (default: 128)")
     org.add_argument("--overwrite", action="store_true", help="replace an output directory holding another model")
     org.set_defaults(run=_train_organism)
 
@@ -300,9 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on the embedded default (see README)")
     demo.add_argument("--out", default="runs/demo", help="where the demo writes (default: runs/demo)")
     demo.add_argument("--family", default="llava", help="which shipped organism: llava (default) or qwen2_vl")
-    demo.add_argument("--samples", type=_positive, default=128, help="evaluation examples to record (default: 128)")
-    demo.add_argument("--max-new-tokens", type=_positive, default=48)
-    demo.add_argument("--batch-size", type=_positive, default=32)
+    demo.add_argument("--samples", type=positive, default=128, help="evaluation examples to record (default: 128)")
+    demo.add_argument("--max-new-tokens", type=positive, default=48)
+    demo.add_argument("--batch-size", type=positive, default=32)
     _resampling_arguments(demo)
     demo.set_defaults(run=_demo)
 

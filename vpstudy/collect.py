@@ -27,6 +27,7 @@ from .loading import config_hash, family_of
 from .processing import format_prompt, prepare_batch, tokenizer_of
 from .provenance import package_versions
 from .recorder import DEFAULT_TEMPERATURES, DEFAULT_THRESHOLDS, Recorder, SampleTrace
+from .rules import active_column, tau_column
 from .runs import Run, RunWriter, open_run
 
 SCORE_DTYPE = np.float16
@@ -123,9 +124,9 @@ def sample_tables(
         }
     )
     for k, threshold in enumerate(trace.thresholds):
-        steps[f"active@{threshold.label}"] = trace.active[:, :, k].reshape(-1)
+        steps[active_column(threshold)] = trace.active[:, :, k].reshape(-1)
     for k, tau in enumerate(trace.temperatures):
-        steps[f"max_head_mass@tau={tau:g}"] = trace.tau_max_head_mass[:, :, k].reshape(-1)
+        steps[tau_column(tau)] = trace.tau_max_head_mass[:, :, k].reshape(-1)
     arrays = {"scores": trace.scores.astype(SCORE_DTYPE), "max_scores": trace.max_scores.astype(np.float32)}
     if kept is not None:
         layer_index = np.asarray(trace.layers)

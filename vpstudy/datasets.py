@@ -22,12 +22,13 @@ from typing import Any, overload
 
 import pyarrow.parquet as pq
 from PIL import Image
+from .errors import VpstudyError
 
 REQUIRED = ("id", "image", "question")
 KNOWN = (*REQUIRED, "answer", "choices")
 
 
-class DatasetError(ValueError):
+class DatasetError(VpstudyError):
     """A dataset file or one of its records cannot be used."""
 
 

@@ -62,7 +62,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, progre
              command: str = "vpstudy demo") -> DemoResult:  # fmt: skip
     """Run the whole pipeline into ``out`` (see the module docstring)."""
     from .analysis import analyze
-    from .budget import fit_budget
+    from .stats.fit import fit_budget
     from .collect import RecordSettings, record_dataset, summary_line
     from .datasets import load_dataset
     from .evaluation import compare

@@ -30,11 +30,12 @@ import numpy as np
 import pandas as pd
 
 from .analysis import json_safe
-from .budget import BudgetRule, anchor_layer
+from .rules import BudgetRule, anchor_layer
 from .collect import RecordSettings, record_dataset
 from .pruning import PyramidDrop
 from .pruning.plan import PruningPlan, build_plan
 from .runs import Run, open_run
+from .stats.estimators import bootstrap_mean_ci
 from .scoring import Scorer, final_answer, get_scorer, normalize_answer
 
 EVAL_FILE = "eval.json"
@@ -54,11 +55,7 @@ def _wilson(successes: int, n: int) -> tuple[float, float]:
 
 def _paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of a − b (per-sample 0/1 outcomes of the same samples) with a percentile bootstrap CI."""
-    diff = a.astype(np.float64) - b.astype(np.float64)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(axis=1)
-    low, high = np.quantile(means, [0.025, 0.975])
-    return float(diff.mean()), float(low), float(high)
+    return bootstrap_mean_ci(a.astype(np.float64) - b.astype(np.float64), n_boot=n_boot, level=0.95, seed=seed)
 
 
 def summarize(run: Run, dense: Run | None = None) -> dict[str, Any]:

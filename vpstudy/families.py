@@ -18,11 +18,12 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from .errors import VpstudyError
 
 RopeKind = Literal["rope", "mrope", "mrope_interleaved"]
 
 
-class UnsupportedFamilyError(ValueError):
+class UnsupportedFamilyError(VpstudyError):
     """The model's ``config.model_type`` is not one vpstudy has a spec for."""
 
 

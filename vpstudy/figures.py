@@ -43,9 +43,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .analysis import default_layer
-from .budget import BudgetRule, BudgetRuleError
+from .rules import BudgetRule, BudgetRuleError, active_column
 from .datasets import DatasetError, load_dataset
-from .pruning.selection import top_p_mask
+from .selection import top_p_mask
 from .runs import Run, open_run
 from .stats import (
     AnalysisError,
@@ -59,6 +59,7 @@ from .stats import (
     pearson,
     recorded_deltas,
 )
+from .errors import VpstudyError
 
 DPI = 150
 DEFAULT_LEVELS = (50.0, 90.0)  # prune levels: the top 50% and the top 10% of visual tokens shown
@@ -80,7 +81,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-class FigureInputError(ValueError):
+class FigureInputError(VpstudyError):
     """A benchmark result or comparison table that exists but cannot be used; the message names it."""
 
 
@@ -329,7 +330,7 @@ def fig_mass_vs_active(run: Run, layer: int, *, deltas: Sequence[str] | None = N
     figure = Figure(figsize=(8.5, 5.0), layout="constrained")
     ax = figure.add_subplot()
     for label, color in zip(labels, colors, strict=False):
-        count = table[f"active@{label}"].to_numpy(dtype=np.float64)
+        count = table[active_column(label)].to_numpy(dtype=np.float64)
         r = pearson(mass, count)
         legend = f"δ={label} (r undefined)" if math.isnan(r) else f"δ={label} (r={r:.2f})"
         ax.scatter(mass, count, s=7, alpha=0.35, color=color, linewidths=0, label=legend)

@@ -13,9 +13,10 @@ import torch
 
 from .families import FamilySpec, family_for_config
 from .processing import FallbackProcessor
+from .errors import VpstudyError
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(VpstudyError):
     """A model directory that cannot be loaded (one-line message naming the path)."""
 
 

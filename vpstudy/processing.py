@@ -21,9 +21,10 @@ from PIL import Image
 from transformers import BatchFeature
 
 from .families import FamilySpec
+from .errors import VpstudyError
 
 
-class InputError(ValueError):
+class InputError(VpstudyError):
     """A prompt or image that cannot be turned into model inputs (one-line message)."""
 
 

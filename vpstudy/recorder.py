@@ -32,51 +32,19 @@ import numpy as np
 import torch
 
 from .attention import visual_row
+from .rules import Threshold
 from .families import FamilySpec, TextGeometry
 from .hooks import Installation, forward_inputs
 from .loading import family_of
+from .errors import VpstudyError
 
 DEFAULT_THRESHOLDS: tuple[str, ...] = ("0.0005", "0.001", "0.0015", "0.002", "1/Nv", "2/Nv")
 DEFAULT_TEMPERATURES: tuple[float, ...] = (0.1, 0.4)  # VisionPulse's published τ values
 RECORD_PREFIX = "vpstudy_record_"
 
 
-class RecorderError(ValueError):
+class RecorderError(VpstudyError):
     """Bad recorder settings or inputs the recorder cannot trace (one-line message)."""
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """An activity threshold δ: absolute (``0.001``) or a multiple of 1/N_v (``"2/Nv"``)."""
-
-    value: float
-    per_visual_token: bool = False
-
-    @classmethod
-    def parse(cls, spec: str | float | Threshold) -> Threshold:
-        if isinstance(spec, Threshold):
-            return spec
-        text = str(spec).strip()
-        try:
-            if text.endswith("/Nv"):
-                threshold = cls(float(text[:-3]), per_visual_token=True)
-            else:
-                threshold = cls(float(text))
-        except ValueError:
-            raise RecorderError(f"threshold {spec!r} is neither a number nor 'k/Nv'") from None
-        if not np.isfinite(threshold.value) or threshold.value < 0:
-            raise RecorderError(f"threshold {spec!r} must be a finite number >= 0")
-        return threshold
-
-    @property
-    def label(self) -> str:
-        """Column-safe name: ``"0.0005"`` or ``"2/Nv"``."""
-        number = f"{self.value:g}"
-        return f"{number}/Nv" if self.per_visual_token else number
-
-    def resolve(self, n_visual: int) -> float:
-        """δ for a sample with ``n_visual`` visual tokens."""
-        return self.value / n_visual if self.per_visual_token else self.value
 
 
 @dataclass

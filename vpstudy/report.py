@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from .budget import BudgetRule
+from .rules import BudgetRule
 
 
 def _num(value: float | None, digits: int = 3) -> str:

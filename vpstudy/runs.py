@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from .errors import VpstudyError
 
 SCHEMA_VERSION: int = 1
 
@@ -49,7 +50,7 @@ _PART_RE = re.compile(r"part-(\d+)-([0-9a-f]{16})\.parquet")
 _ARRAY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 
 
-class RunStoreError(ValueError):
+class RunStoreError(VpstudyError):
     """A run directory is missing, malformed, incompatible or misused."""
 
 

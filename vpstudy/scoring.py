@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import TYPE_CHECKING, ClassVar
+from .errors import VpstudyError
 
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def is_correct(generated: str, reference: str | None) -> bool | None:
     return normalize_answer(final_answer(generated)) == normalize_answer(reference)
 
 
-class ScoringError(ValueError):
+class ScoringError(VpstudyError):
     """An unknown scorer, an unknown setting or a bad setting value."""
 
 

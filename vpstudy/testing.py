@@ -81,7 +81,7 @@ def make_tokenizer(spec: FamilySpec, extra_words: list[str] | None = None) -> An
 Built = tuple[Any, Any, Callable[[], Any] | None]
 
 
-def _text_config(vocab_size: int, defaults: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+def text_config(vocab_size: int, defaults: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     """Text-config fields of a tiny model: the common ones, then a builder's ``defaults``, then
     the caller's ``overrides`` (which win)."""
     config = dict(
@@ -115,7 +115,7 @@ def _llava(tok: Any, text_overrides: dict[str, Any]) -> Built:
     )
     config = LlavaConfig(
         vision_config=vision,
-        text_config=LlamaConfig(**_text_config(len(tok), **text_overrides)),
+        text_config=LlamaConfig(**text_config(len(tok), **text_overrides)),
         image_token_id=image,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
@@ -144,7 +144,7 @@ def _llava_onevision(tok: Any, text_overrides: dict[str, Any]) -> Built:
     )
     config = LlavaOnevisionConfig(
         vision_config=vision,
-        text_config=Qwen2Config(**_text_config(len(tok), **text_overrides)),
+        text_config=Qwen2Config(**text_config(len(tok), **text_overrides)),
         image_token_id=image,
         video_token_id=video,
         vision_feature_select_strategy="full",
@@ -165,7 +165,7 @@ def _qwen2_vl(tok: Any, text_overrides: dict[str, Any]) -> Built:
 
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
     config = Qwen2VLConfig(
-        text_config=(text := _text_config(len(tok), {"rope_parameters": rope}, **text_overrides)),
+        text_config=(text := text_config(len(tok), {"rope_parameters": rope}, **text_overrides)),
         vision_config=dict(
             depth=2, embed_dim=64, hidden_size=text["hidden_size"], num_heads=4, mlp_ratio=2,
             patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
@@ -181,7 +181,7 @@ def _qwen2_5_vl(tok: Any, text_overrides: dict[str, Any]) -> Built:
 
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
     config = Qwen2_5_VLConfig(
-        text_config=(text := _text_config(len(tok), {"rope_parameters": rope}, **text_overrides)),
+        text_config=(text := text_config(len(tok), {"rope_parameters": rope}, **text_overrides)),
         vision_config=dict(
             depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
             patch_size=14, window_size=56, fullatt_block_indexes=[1],
@@ -197,7 +197,7 @@ def _qwen3_vl(tok: Any, text_overrides: dict[str, Any]) -> Built:
 
     rope = {"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True, "rope_theta": 10000.0}
     config = Qwen3VLConfig(
-        text_config=(text := _text_config(len(tok), {"head_dim": 16, "rope_parameters": rope}, **text_overrides)),
+        text_config=(text := text_config(len(tok), {"head_dim": 16, "rope_parameters": rope}, **text_overrides)),
         vision_config=dict(
             depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
             patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0],
@@ -218,7 +218,7 @@ def _internvl(tok: Any, text_overrides: dict[str, Any]) -> Built:
     )  # fmt: skip
     config = InternVLConfig(
         vision_config=vision,
-        text_config=Qwen2Config(**_text_config(len(tok), **text_overrides)),
+        text_config=Qwen2Config(**text_config(len(tok), **text_overrides)),
         image_token_id=image,
         image_seq_length=4,
         downsample_ratio=0.5,

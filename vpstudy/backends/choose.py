@@ -1,7 +1,7 @@
 """Which decode backend runs the pruner's fast path on this device: one semantics, three
 implementations (SPEC, Attention backends).
 
-- ``reference``: pure torch (:mod:`vpstudy.kernels.reference`), any device, float32 arithmetic;
+- ``reference``: pure torch (:mod:`vpstudy.backends.reference`), any device, float32 arithmetic;
   the test oracle.
 - ``triton``: the Triton kernels of :mod:`vpstudy.kernels` (CUDA; on a machine without CUDA
   only under ``TRITON_INTERPRET=1``, which is how CI tests their logic).
@@ -19,18 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from ..errors import VpstudyError
 
 NAMES = ("auto", "reference", "triton", "xformers")
 
 
-class BackendChoiceError(ValueError):
+class BackendChoiceError(VpstudyError):
     """An unknown backend name."""
 
 
 @dataclass(frozen=True)
 class Backend:
     """A decode backend: ``anchor_select`` and ``sparse_decode`` with the signatures of
-    :mod:`vpstudy.kernels.reference`."""
+    :mod:`vpstudy.backends.reference`."""
 
     name: str
     anchor_select: Callable
@@ -38,7 +39,7 @@ class Backend:
 
 
 def _reference() -> Backend:
-    from vpstudy.kernels import reference
+    from vpstudy.backends import reference
 
     return Backend("reference", reference.anchor_select, reference.sparse_decode)
 

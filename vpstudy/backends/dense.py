@@ -58,7 +58,7 @@ class DenseDecode:
 
     def _attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, scaling: float) -> tuple[torch.Tensor, None]:  # fmt: skip
-        from vpstudy.kernels.layout import KeyLayout
+        from vpstudy.backends.layout import KeyLayout
 
         if self.backend is None:
             self.backend = choose_backend(self.backend_name, query.device, query.dtype, query.shape[-1])

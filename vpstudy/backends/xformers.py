@@ -1,4 +1,4 @@
-"""The decode kernels of :mod:`vpstudy.kernels.reference` on xformers' partial attention (CUDA,
+"""The decode kernels of :mod:`vpstudy.backends.reference` on xformers' partial attention (CUDA,
 float16/bfloat16).
 
 SPEC: ``memory_efficient_attention_partial`` + ``merge_attentions``; the visual mass is
@@ -44,10 +44,10 @@ import importlib.util
 import torch
 
 from vpstudy.attention import row_logits
-from vpstudy.budget import BudgetRule, parse_signal
-from vpstudy.kernels.layout import AnchorSelection, KeptSet, KeyLayout, LayoutError, check_decode_inputs
-from vpstudy.kernels.reference import SCORES, kept_from_mask
-from vpstudy.pruning.selection import rule_keep_counts, top_counts_mask
+from vpstudy.rules import BudgetRule, parse_signal
+from vpstudy.backends.layout import AnchorSelection, KeptSet, KeyLayout, LayoutError, check_decode_inputs
+from vpstudy.backends.reference import SCORES, kept_from_mask
+from vpstudy.selection import rule_keep_counts, top_counts_mask
 
 from .errors import BackendUnavailable
 
@@ -189,7 +189,7 @@ def _attend(query5: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tenso
 def sparse_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: KeyLayout,
                   kept: KeptSet | None, *, scale: float, return_lse: bool = False):  # fmt: skip
     """Decode attention over the non-visual keys and the kept visual keys (all visual keys when
-    ``kept`` is None), as :func:`vpstudy.kernels.reference.sparse_decode`.
+    ``kept`` is None), as :func:`vpstudy.backends.reference.sparse_decode`.
 
     Args:
         query: [B, H_q, D] decode queries (after RoPE), float16 or bfloat16 on CUDA.
@@ -282,7 +282,7 @@ def _ranking(query_row: torch.Tensor, visual_keys: torch.Tensor, lse_all: torch.
 
 def anchor_select(query: torch.Tensor, key: torch.Tensor, layout: KeyLayout, rule: BudgetRule, *, scale: float,
                   score: str = "logits") -> AnchorSelection:  # fmt: skip
-    """The anchor layer's decision for one decode step, as :func:`vpstudy.kernels.reference.anchor_select`.
+    """The anchor layer's decision for one decode step, as :func:`vpstudy.backends.reference.anchor_select`.
 
     Args:
         query: [B, H_q, D] decode queries (after RoPE), float16 or bfloat16 on CUDA.

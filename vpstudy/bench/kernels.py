@@ -40,10 +40,10 @@ import torch
 from vpstudy.backends.choose import NAMES, choose_backend
 from vpstudy.bench.latency import measure_bandwidth
 from vpstudy.bench.results import kernel_versions, load_average, result_header, write_result
-from vpstudy.budget import BudgetRule
-from vpstudy.kernels.layout import KeyLayout
-from vpstudy.kernels.reference import block_cover
-from vpstudy.kernels.reference import sparse_decode as reference_decode
+from vpstudy.rules import BudgetRule
+from vpstudy.backends.layout import KeyLayout
+from vpstudy.backends.reference import block_cover
+from vpstudy.backends.reference import sparse_decode as reference_decode
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -68,10 +68,12 @@ from vpstudy.bench.recording import image_grid
 from vpstudy.bench.results import device_kind, kernel_versions, load_average, result_header, write_result
 from vpstudy.families import mrope_section
 from vpstudy.backends.dense import DenseDecode
+from vpstudy.argtypes import non_negative, positive
+from vpstudy.backends.choose import NAMES as BACKENDS
 from vpstudy.pruning import Pruner, VisionPulse
+from ..errors import VpstudyError
 
 MODULE = "vpstudy.bench.latency"
-BACKENDS: tuple[str, ...] = ("auto", "reference", "triton", "xformers")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WARMUP_DECODE_STEPS = 16  # decode steps of a warm-up run (shapes are static: a few steps warm every kernel)
 BANDWIDTH_REPEATS = 5  # copies timed; the best counts
@@ -96,7 +98,7 @@ CPU_DEFAULTS: dict[str, Any] = dict(
 )  # fmt: skip
 
 
-class BenchError(ValueError):
+class BenchError(VpstudyError):
     """A benchmark setting that cannot run here (one line naming the flag)."""
 
 
@@ -195,26 +197,12 @@ class Protocol:
 # --- command line ------------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's flags (shared by ``python -m vpstudy.bench.latency`` and ``vpstudy bench``).
     Size flags left out take the device's profile (:data:`GPU_DEFAULTS` / :data:`CPU_DEFAULTS`)."""
     gpu, cpu = GPU_DEFAULTS, CPU_DEFAULTS
 
-    def size(flag: str, help_: str, kind: Callable[[str], int] = _positive, **kw: Any) -> None:
+    def size(flag: str, help_: str, kind: Callable[[str], int] = positive, **kw: Any) -> None:
         key = flag.lstrip("-").replace("-", "_")
         parser.add_argument(flag, type=kind, default=None,
                             help=f"{help_} (default: {gpu[key]} on CUDA, {cpu[key]} on CPU)", **kw)  # fmt: skip
@@ -232,8 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size("--text-tokens", "text tokens per prompt around the visual run")
     size("--visual-tokens", "visual contexts N_v", nargs="+")
     size("--decode-steps", "decode steps per run")
-    size("--prefill-chunk", "prompt tokens per prefill forward; 0 = the whole prompt at once", kind=_non_negative)
-    size("--warmup", "untimed runs per method and context", kind=_non_negative)
+    size("--prefill-chunk", "prompt tokens per prefill forward; 0 = the whole prompt at once", kind=non_negative)
+    size("--warmup", "untimed runs per method and context", kind=non_negative)
     size("--repeats", "timed runs per method and context")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help=f"weights and cache (default: {gpu['dtype']} on CUDA, {cpu['dtype']} on CPU)")  # fmt: skip
@@ -241,12 +229,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"Pruner backend of visionpulse (default: {gpu['backend']} on CUDA, "
                              f"{cpu['backend']} on CPU)")  # fmt: skip
     size("--copy-mib", "size of the bandwidth probe's device-to-device copy, MiB")
-    parser.add_argument("--kept-block", type=_positive, default=1,
+    parser.add_argument("--kept-block", type=positive, default=1,
                         help="VisionPulse keeps whole blocks of this many visual tokens covering the rule's "
                              "top-K (Pruner kept_block; 64 = the paper's block-sparse kernel; default 1: "
                              "token-exact)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
-    parser.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: unchanged)")
+    parser.add_argument("--threads", type=positive, default=None, help="torch.set_num_threads (default: unchanged)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in a captured log)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="result file (default: bench/results/latency-<device kind>-<UTC date>.json)")  # fmt: skip

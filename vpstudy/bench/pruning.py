@@ -42,7 +42,7 @@ import torch
 import vpstudy
 from vpstudy.bench.recording import Geometry, StepClock, build_inputs, write_model
 from vpstudy.bench.results import load_average, result_header, write_result
-from vpstudy.budget import anchor_layer
+from vpstudy.rules import anchor_layer
 from vpstudy.pruning import Pruner, VisionPulse
 
 MODES: tuple[str, ...] = ("dense", "visionpulse-physical", "visionpulse-mask")

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..budget import anchor_layer
+from ..rules import anchor_layer, tau_column
 from ..collect import RecordSettings, record_dataset
 from ..datasets import VisionDataset, load_dataset
 from ..runs import Run
@@ -85,7 +85,7 @@ def audit_run(run: Run, dataset: VisionDataset) -> dict[str, Any]:
     samples = run.samples.set_index("sample_id")
     steps = run.steps
     layers = sorted(steps["layer"].unique().tolist())
-    tau_columns = [f"max_head_mass@tau={s['tau']:g}" for s in PAPER_SETTINGS]
+    tau_columns = [tau_column(s["tau"]) for s in PAPER_SETTINGS]
     tokens = steps[steps["layer"] == layers[0]].sort_values(["sample_id", "step"]).groupby("sample_id")["token_text"]
     generated_by_sample = tokens.agg(list)
 

@@ -24,8 +24,9 @@ from typing import Any
 
 from ..families import get_family, mrope_section
 from ..processing import FallbackProcessor
-from ..testing import _text_config, chat_template, make_tokenizer
+from ..testing import text_config, chat_template, make_tokenizer
 from .tasks import IMAGE_PX, vocabulary
+from ..errors import VpstudyError
 
 ORGANISM_FAMILIES = ("llava", "qwen2_vl")
 # the module whose output holds one feature per visual token (in the text model's width), in
@@ -34,7 +35,7 @@ VISUAL_FEATURES = {"llava": "model.multi_modal_projector", "qwen2_vl": "model.vi
 PREAMBLE = "you see a grid of objects"
 
 
-class OrganismError(ValueError):
+class OrganismError(VpstudyError):
     """Bad organism settings or output directory (one-line message)."""
 
 
@@ -92,7 +93,7 @@ def _tokenizer(family: str, task: str) -> Any:
 
 
 def _text(tokenizer: Any, arch: Architecture, **extra: Any) -> dict[str, Any]:
-    return _text_config(
+    return text_config(
         len(tokenizer), extra, hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
         num_hidden_layers=arch.text_layers, num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
         max_position_embeddings=512,

@@ -4,7 +4,8 @@
   random budget; FastV, PyramidDrop, static top-K at prefill) and :func:`make_method`;
 - :mod:`vpstudy.pruning.pruner`: :class:`Pruner`, the context manager that installs them, in
   mask mode (exact) or physical mode (gathered keys);
-- :mod:`vpstudy.pruning.selection`: the shared tensor operations (signals, counts, top sets).
+- :mod:`vpstudy.selection` (outside this package, shared with the decode backends): the tensor
+  operations every method uses (signals, counts, top sets).
 """
 
 from .methods import (

@@ -22,8 +22,8 @@ from typing import ClassVar
 
 import torch
 
-from ..budget import BudgetRule, anchor_layer
-from .selection import (
+from ..rules import BudgetRule, anchor_layer
+from ..selection import (
     budget_signal,
     fixed_keep_counts,
     rule_keep_counts,
@@ -32,9 +32,10 @@ from .selection import (
     visual_logits,
     visual_share,
 )
+from ..errors import VpstudyError
 
 
-class PruningError(ValueError):
+class PruningError(VpstudyError):
     """A pruning method or setting that cannot be used (one-line message naming it)."""
 
 

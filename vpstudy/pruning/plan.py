@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..budget import BudgetRule
+from ..rules import BudgetRule
 from .methods import METHODS, PruningError, PruningMethod, VisionPulse, make_method
 
 DENSE = "dense"

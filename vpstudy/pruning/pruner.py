@@ -306,8 +306,8 @@ class Pruner:
     def _fast_attend(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:  # fmt: skip
         """A decode call from the anchor layer on, through the decode backend (VisionPulse alone)."""
-        from vpstudy.kernels.layout import KeyLayout
-        from vpstudy.kernels.reference import block_cover
+        from vpstudy.backends.layout import KeyLayout
+        from vpstudy.backends.reference import block_cover
 
         state, layer, method = self._state, module.layer_idx, self._fast
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5

@@ -81,6 +81,31 @@ class _Pooled:
         return offsets + np.arange(int(lengths.sum()))
 
 
+def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The equal-tailed percentile interval of bootstrap ``replicates`` at coverage ``level``."""
+    tail = (1 - level) / 2
+    low, high = np.quantile(replicates, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_mean_ci(values: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float, float]:  # fmt: skip
+    """Mean of independent per-unit values (e.g. one per sample) with a percentile bootstrap
+    interval: ``n_boot`` resamples of the units with replacement. NaN values are dropped first;
+    all NaN gives NaN for all three.
+
+    Returns:
+        ``(mean, low, high)``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    return (float(values.mean()), *percentile_interval(means, level))
+
+
 def cluster_bootstrap_ci(
     xs: Sequence[np.ndarray],
     ys: Sequence[np.ndarray],
@@ -113,9 +138,7 @@ def cluster_bootstrap_ci(
     values = values[~np.isnan(values)]
     if len(values) < n_boot / 2:
         return estimate, float("nan"), float("nan")
-    tail = (1 - level) / 2
-    low, high = np.quantile(values, [tail, 1 - tail])
-    return estimate, float(low), float(high)
+    return (estimate, *percentile_interval(values, level))
 
 
 def permutation_pvalue(

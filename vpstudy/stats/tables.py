@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 
 from ..annotations import StepAnnotation
-from ..recorder import Threshold
+from ..rules import Threshold, active_column, active_labels, parse_column
 from ..runs import Run
 from .estimators import (
+    bootstrap_mean_ci,
     auc,
     cluster_bootstrap_ci,
     jaccard_chance,
@@ -30,9 +31,10 @@ from .estimators import (
     spearman,
     step_dependence,
 )
+from ..errors import VpstudyError
 
 
-class AnalysisError(ValueError):
+class AnalysisError(VpstudyError):
     """A run (or a request on it) that the statistics cannot use; the message names it."""
 
 
@@ -63,7 +65,7 @@ def check_run(run: Run) -> None:
     """Refuse an empty run or one whose recorded masses or counts are NaN (naming the sample)."""
     if len(run.samples) == 0 or len(run.steps) == 0:
         raise AnalysisError(f"{run.path}: the run holds no recorded samples")
-    numeric = [c for c in run.steps.columns if c == "mass" or c.startswith(("active@", "max_head_mass"))]
+    numeric = [c for c in run.steps.columns if c in ("mass", "max_head_mass") or parse_column(c) is not None]
     bad = run.steps[numeric].isna().any(axis=1)
     if bad.any():
         row = run.steps[bad].iloc[0]
@@ -89,7 +91,7 @@ def check_layer(run: Run, layer: int) -> int:
 
 def recorded_deltas(run: Run) -> list[str]:
     """The δ labels with an ``active@<δ>`` column, in column order."""
-    return [c.split("@", 1)[1] for c in run.steps.columns if c.startswith("active@")]
+    return active_labels(run.steps.columns)
 
 
 def check_delta(run: Run, delta: str | float) -> str:
@@ -150,15 +152,7 @@ def check_arrays(run: Run) -> None:
 
 def _mean_ci(values: np.ndarray, settings: AnalysisSettings) -> tuple[float, float, float]:
     """Mean of per-sample values with a percentile bootstrap interval over samples."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[~np.isnan(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(settings.seed)
-    means = values[rng.integers(0, len(values), size=(settings.n_boot, len(values)))].mean(axis=1)
-    tail = (1 - settings.level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(values.mean()), float(low), float(high)
+    return bootstrap_mean_ci(values, n_boot=settings.n_boot, level=settings.level, seed=settings.seed)
 
 
 # -- tables -------------------------------------------------------------------------------------
@@ -177,9 +171,9 @@ def correlation_table(run: Run, settings: AnalysisSettings = AnalysisSettings(),
     deltas = [check_delta(run, d) for d in (deltas if deltas is not None else recorded_deltas(run))]
     rows = []
     for layer in layers:
-        traces = _traces(run, layer, ["mass", *(f"active@{d}" for d in deltas)])
+        traces = _traces(run, layer, ["mass", *(active_column(d) for d in deltas)])
         for delta in deltas:
-            xs, ys = traces["mass"], traces[f"active@{delta}"]
+            xs, ys = traces["mass"], traces[active_column(delta)]
             row = {"layer": layer, "delta": delta, "n_samples": len(xs), "n_steps": int(sum(map(len, xs)))}
             for name, statistic in (("pearson", pearson), ("spearman", spearman)):
                 estimate, low, high = cluster_bootstrap_ci(

@@ -1,4 +1,7 @@
-"""Which visual keys to keep: the small tensor operations every pruning method shares.
+"""Which visual keys to keep: the small tensor operations every pruning method and decode backend shares.
+
+A leaf of the decode path (torch and :mod:`vpstudy.rules` only): the pruning methods, the
+backends' reference and the xformers backend all select with these functions.
 
 Shapes: B = batch rows, H = query heads, T = key positions, N = visual tokens of the row with
 the most (rows are padded; ``valid`` [B, N] says which entries are real).
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..budget import BudgetRule, parse_signal
+from .rules import BudgetRule, keep_count, parse_signal
 
 
 def visual_logits(logits: torch.Tensor, visual_index: torch.Tensor) -> torch.Tensor:
@@ -46,16 +49,12 @@ def budget_signal(logits: torch.Tensor, visual_index: torch.Tensor, valid: torch
 def rule_keep_counts(rule: BudgetRule, signal: torch.Tensor, n_visual: torch.Tensor) -> torch.Tensor:
     """K per row from a rule (the same arithmetic as :meth:`BudgetRule.keep_count`): [B] long."""
     ratio = (rule.intercept + rule.slope * signal.double()).clamp(rule.b_min, rule.b_max)
-    raw = ratio * n_visual.double()
-    counts = torch.floor(raw + 1e-9) if rule.rounding == "floor" else torch.ceil(raw - 1e-9)
-    return torch.minimum(counts.long().clamp(min=1), n_visual)
+    return keep_count(ratio, n_visual, rule.rounding)
 
 
 def fixed_keep_counts(ratio: float, n_visual: torch.Tensor, rounding: str = "floor") -> torch.Tensor:
     """K = clamp(floor or ceil(ratio · N_v), 1, N_v) per row: [B] long."""
-    raw = ratio * n_visual.double()
-    counts = torch.floor(raw + 1e-9) if rounding == "floor" else torch.ceil(raw - 1e-9)
-    return torch.minimum(counts.long().clamp(min=1), n_visual)
+    return keep_count(ratio, n_visual, rounding)
 
 
 def top_counts_mask(scores: torch.Tensor, counts: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from vpstudy.errors import VpstudyError
 
 
-class LayoutError(ValueError):
+class LayoutError(VpstudyError):
     """A key layout or selection that does not fit the cache it describes; the message says which field."""
 
 

@@ -1,8 +1,8 @@
 """Pure-torch references of the decode kernels: the semantics every backend is tested against.
 
 They run on any device in float32 and are built from the pruner's own selection operations
-(:mod:`vpstudy.pruning.selection`), so a backend that matches them makes the decisions the
-mask-mode pruner makes. Shapes as in :mod:`vpstudy.kernels.layout`.
+(:mod:`vpstudy.selection`), so a backend that matches them makes the decisions the
+mask-mode pruner makes. Shapes as in :mod:`vpstudy.backends.layout`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from vpstudy.attention import row_logits
-from vpstudy.budget import BudgetRule, parse_signal
-from vpstudy.pruning.selection import rule_keep_counts, top_counts_mask, visual_logits, visual_share
+from vpstudy.rules import BudgetRule, parse_signal
+from vpstudy.selection import rule_keep_counts, top_counts_mask, visual_logits, visual_share
 
 from .layout import AnchorSelection, KeptSet, KeyLayout, LayoutError, check_decode_inputs
 
