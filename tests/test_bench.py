@@ -83,10 +83,10 @@ def _check_latency_report(report, visual_tokens, tmp_path):
         if row["method"] == "dense":
             assert row["kept_fraction"] == 1.0 and row["backend"] == "sdpa"
         elif row["method"] == "dense-kernel":
-            assert row["kept_fraction"] == 1.0 and row["backend"] == "reference"
+            assert row["kept_fraction"] == 1.0 and row["backend"] == "cpu"
         else:
             assert 0 < row["kept_fraction"] <= 0.05 + 1 / row["visual_tokens"]
-            assert row["backend"] == "reference"  # the fast path ran (not the gathered fallback)
+            assert row["backend"] == "cpu"  # the fast path ran (not the gathered fallback)
     (result,) = load_latency_results(tmp_path)
     figure = fig_latency(result)
     figure.savefig(tmp_path / "latency.png")
@@ -230,7 +230,7 @@ def test_latency_kept_block_rows(tmp_path):
     report = latency.main([*TINY_LATENCY, "--visual-tokens", "256", "--kept-block", "16", "--json", str(out)],
                           progress=False)  # fmt: skip
     (sparse,) = [r for r in report["rows"] if r["method"].startswith("visionpulse")]
-    assert sparse["method"] == "visionpulse-block16" and sparse["backend"] == "reference"
+    assert sparse["method"] == "visionpulse-block16" and sparse["backend"] == "cpu"
     assert 16 / 256 <= sparse["kept_fraction"] <= 1.0 and report["protocol"]["kept_block"] == 16
     assert json.loads(out.read_text())["rows"] == report["rows"]
 
@@ -249,3 +249,106 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert by_kernel["sparse"]["max_abs_error_vs_reference"] == 0.0  # the reference backend is the reference
     assert 0 < by_kernel["sparse"]["retention"] <= by_kernel["sparse-block16"]["retention"] <= 1
     assert by_kernel["sparse"]["bytes"] < by_kernel["sparse-block16"]["bytes"] <= by_kernel["dense"]["bytes"]
+
+
+def test_a_rewound_static_cache_and_a_dynamic_copy_decode_what_generate_does():
+    """The CPU decode benchmark's one prefill per context: every method decodes from the same
+    static cache rewound to the prompt, or from a dynamic copy of it, and gets generate's tokens."""
+    from vpstudy.bench.latency import build_model, build_prompt, decode, dynamic_copy, prefill, rewind, static_cache
+
+    protocol = _tiny_protocol(prefill_chunk=0)
+    model = build_model(protocol)
+    prompt = build_prompt(model, protocol, 20)
+    image = model.config.image_token_id
+    with torch.inference_mode():
+        reference = model.generate(input_ids=prompt.input_ids, mm_token_type_ids=(prompt.input_ids == image).int(),
+                                   image_grid_thw=prompt.image_grid_thw, max_new_tokens=4, min_new_tokens=4,
+                                   do_sample=False)[:, prompt.length :]  # fmt: skip
+        cache = static_cache(model, prompt.length + 3)
+        first = prefill(model, cache, prompt, prompt.length)
+        positions = prompt.decode_positions(3)
+        runs = []
+        for _ in range(2):  # the second run decodes from a cache the first one wrote to
+            rewind(cache, prompt.length)
+            runs.append(decode(model, cache, first, positions, None))
+            copy = dynamic_copy(model, cache, prompt.length)
+            assert copy.get_seq_length() == prompt.length
+            runs.append(decode(model, copy, first, positions, None))
+    for tokens in runs:
+        assert torch.equal(torch.cat([first, tokens], dim=1), reference)
+
+
+CPU_DECODE = ["--layers", "2", "--hidden", "64", "--heads", "2", "--kv-heads", "1", "--head-dim", "32",
+              "--intermediate", "128", "--vocab", "256", "--text-tokens", "8", "--decode-steps", "3", "--repeats", "1",
+              "--profile-steps", "1", "--read-mib", "8"]  # fmt: skip
+
+
+def test_cpu_decode_benchmark_smoke(tmp_path):
+    """Every method of the CPU decode benchmark runs from one prefill per context and writes its
+    rows, summary, targets and profile; no timing is asserted."""
+    from vpstudy.bench import cpu_decode
+
+    out = tmp_path / "cpu-decode.json"
+    report = cpu_decode.main([*CPU_DECODE, "--visual-tokens", "48", "96", "--json", str(out)])
+    assert json.loads(out.read_text())["summary"] == report["summary"]
+    assert report["kind"] == "cpu_decode" and report["threads"] == torch.get_num_threads()
+    assert "shared" in report["note"]
+    assert set(report["prefill_s"]) == {"shared", "48", "96"}
+    for n in ("48", "96"):
+        table = report["summary"][n]
+        assert set(table) == set(cpu_decode.METHODS)
+        assert table["dense/static"]["vs_dense_static"] == pytest.approx(1.0)
+        assert table["visionpulse/static"]["backend"] == "cpu"
+        assert table["visionpulse-gather/static"]["backend"] == "gather"
+        assert table["dense-kernel/static"]["backend"] == "cpu" and table["record/static"]["backend"] == "sdpa"
+        assert 0 < table["visionpulse/static"]["kept_fraction"] <= 0.05 + 1 / int(n)
+        assert table["dense/dynamic"]["bytes_per_step"] > table["dense/static"]["bytes_per_step"]
+        assert table["visionpulse/static"]["bytes_per_step"] < table["dense/static"]["bytes_per_step"]
+    assert all(report["tokens_equal_reference"].values())  # physical = mask mode, record = dense, dynamic = static
+    assert set(report["profile"]) == set(cpu_decode.PROFILED)
+    assert "vpstudy::anchor_decision" in report["profile"]["visionpulse/static"]["regions_ms"]
+    assert report["targets"]["visionpulse_tokens_equal_mask_mode"]["value"] is True
+
+
+def test_cpu_decode_bytes_per_step_by_hand():
+    """step_bytes for every method on a 2-layer model: the latency roofline plus what the method
+    adds (the dynamic cache's copy, the recorder's and mask mode's second reads of K)."""
+    import numpy as np
+
+    from vpstudy.bench.cpu_decode import step_bytes
+    from vpstudy.bench.latency import ModelGeometry
+
+    g = ModelGeometry(layers=2, hidden=16, heads=2, kv_heads=1, head_dim=8, intermediate=32, vocab=16)
+    protocol = _tiny_protocol(geometry=g, decode_steps=2)
+    # float32: K + V of one key at one layer = 2 * 8 * 4 = 64 bytes, K alone 32; prompt 10 (6 visual)
+    kw = dict(protocol=protocol, parameter_bytes=100, prompt_tokens=10, n_visual=6, anchor=1)
+    dense = [100 + 2 * 64 * 11, 100 + 2 * 64 * 12]
+    assert step_bytes("dense/static", kept=None, **kw).tolist() == dense
+    assert step_bytes("dense/dynamic", kept=None, **kw).tolist() == [dense[0] + 2 * 64 * 21, dense[1] + 2 * 64 * 23]
+    assert step_bytes("record/static", kept=None, **kw).tolist() == [dense[0] + 2 * 32 * 11, dense[1] + 2 * 32 * 12]
+    assert step_bytes("evaluate/static", kept=None, **kw).tolist() == [dense[0] + 3 * 32 * 11, dense[1] + 3 * 32 * 12]
+    sparse = step_bytes("visionpulse/static", kept=np.array([1, 2]), **kw).tolist()
+    assert sparse == [100 + 64 * 11 + 64 * (11 - 6 + 1) + 32 * 11, 100 + 64 * 12 + 64 * (12 - 6 + 2) + 32 * 12]
+
+
+def test_one_shared_prefill_gives_each_context_the_cache_of_its_own_prompt():
+    """The CPU decode benchmark prefills the largest context's text and image once; each context
+    copies its beginning and runs its own text after the image, then decodes generate's tokens."""
+    from vpstudy.bench.cpu_decode import shared_prefill
+    from vpstudy.bench.latency import build_model, copy_prefix, decode, prefill
+
+    protocol = _tiny_protocol(visual_tokens=(24, 48), prefill_chunk=0)
+    model = build_model(protocol)
+    prompts, source, _ = shared_prefill(model, protocol)
+    image = model.config.image_token_id
+    for n, prompt in prompts.items():
+        assert prompt.image_grid_thw[0, 2] == prompts[48].image_grid_thw[0, 2]  # one grid width
+        with torch.inference_mode():
+            start = protocol.text_before + n
+            cache = copy_prefix(model, source, start, prompt.length + 3)
+            first = prefill(model, cache, prompt, prompt.length, start=start)
+            tokens = torch.cat([first, decode(model, cache, first, prompt.decode_positions(3), None)], dim=1)
+            reference = model.generate(input_ids=prompt.input_ids, mm_token_type_ids=(prompt.input_ids == image).int(),
+                                       image_grid_thw=prompt.image_grid_thw, max_new_tokens=4, min_new_tokens=4,
+                                       do_sample=False)  # fmt: skip
+        assert torch.equal(tokens, reference[:, prompt.length :]), n
