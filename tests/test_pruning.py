@@ -102,21 +102,26 @@ def test_keep_everything_settings_generate_exactly_what_the_model_does(family):
     assert n_layers >= 2
 
 
-def test_hidden_keys_get_zero_weight_in_transformers_eager_attention(family):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_hidden_keys_get_zero_weight_in_transformers_eager_attention(family, cache):
     """The oracle is transformers' own eager attention weights (output_attentions) of the pruned
     model: at layers >= the anchor every hidden visual key has weight exactly 0, every kept one
-    a positive weight, and below the anchor nothing is hidden."""
+    a positive weight, and below the anchor nothing is hidden; on a static cache the unwritten
+    slots get weight 0 too."""
     eager = AutoModelForImageTextToText.from_pretrained(family["path"], attn_implementation="eager").eval()
     eager.vpstudy_family = family["model"].vpstudy_family
     n_layers = eager.config.get_text_config().num_hidden_layers
     anchor = n_layers // 2
-    out, kept = _generate(eager, family["inputs"], [TopK(0.25, anchor=anchor)], output_attentions=True)
+    out, kept = _generate(eager, family["inputs"], [TopK(0.25, anchor=anchor)], output_attentions=True,
+                          cache_implementation=cache)  # fmt: skip
     spec = family["model"].vpstudy_family
     visual = spec.visual_mask(family["inputs"]["input_ids"], eager.config)
+    prompt = family["inputs"]["input_ids"].shape[1]
     for b, trace in enumerate(kept):
         positions = visual[b].nonzero().flatten()
         for t in range(1, len(out.attentions)):
             for layer in range(n_layers):
+                assert (out.attentions[t][layer][b, :, -1, prompt + t :] == 0).all()  # static: the unwritten tail
                 weights = out.attentions[t][layer][b, :, -1, positions]  # [H, N_v]
                 keep = torch.as_tensor(trace.masks[t, 0]) if layer >= anchor else torch.ones(len(positions), dtype=torch.bool)
                 assert (weights[:, ~keep] == 0).all() and (weights[:, keep] > 0).all()
@@ -192,6 +197,21 @@ def test_counts_follow_the_rule_on_hand_built_attention(n_visual):
     assert int(fitted.keep(0, _decision([0.1], n_visual, 50, 0.1)).sum()) == math.floor(0.21 * n_visual + 1e-9)
 
 
+def test_top_counts_keeps_what_a_stable_sort_keeps():
+    """The top-K without a sort equals the rank mask of a stable descending sort (the official
+    code's), on scores full of exact ties, with tokens not allowed, K = 0 and K above the allowed."""
+    from vpstudy.selection import top_counts_mask
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (6, 40), generator=g).double()
+    allowed = torch.rand(6, 40, generator=g) < 0.7
+    counts = torch.tensor([0, 1, 7, 13, 28, 40])
+    order = torch.sort(scores.masked_fill(~allowed, float("-inf")), dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(40).expand_as(order))
+    assert torch.equal(top_counts_mask(scores, counts, allowed), (rank < counts[:, None]) & allowed)
+    assert not top_counts_mask(scores, torch.zeros(6, dtype=torch.long), allowed).any()
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
     valid = torch.ones(1, 5, dtype=torch.bool)
@@ -250,3 +270,24 @@ def test_the_config_hash_does_not_depend_on_how_the_path_was_spelled(tiny_dirs, 
     relative, _ = vpstudy.load(path.name)
     absolute, _ = vpstudy.load(path.resolve())
     assert config_hash(relative.config) == config_hash(absolute.config)
+
+
+def test_a_static_cache_prunes_exactly_as_a_dynamic_one(family):
+    """Every step-wise method and a prefill method (FastV decides on the prefill's last row, where
+    transformers passes no mask over a static cache's unwritten tail), in mask mode and in physical
+    mode (VisionPulse on the fast path), on a static cache: the tokens, logits (<=1e-5) and kept
+    sets of mask mode on the default dynamic cache, on a left-padded batch of 3 and on one row
+    alone (no padding: the prefill then gets no mask at all)."""
+    n_layers = family["model"].config.get_text_config().num_hidden_layers
+    alone = _inputs(family["model"], family["processor"], (0,))
+    methods = [*_step_wise(n_layers), FastV(layer=1, ratio=0.5)]
+    for inputs, method in [(x, m) for x in (family["inputs"], alone) for m in methods]:
+        dynamic, kept_dynamic = _generate(family["model"], inputs, [method], "mask")
+        for mode in ("mask", "physical"):
+            static, kept_static = _generate(family["model"], inputs, [method], mode, cache_implementation="static")
+            assert torch.equal(static.sequences, dynamic.sequences), (method, mode)
+            for a, b in zip(static.scores, dynamic.scores, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+            for a, b in zip(kept_static, kept_dynamic, strict=True):
+                np.testing.assert_array_equal(a.counts, b.counts)
+                np.testing.assert_array_equal(a.masks, b.masks)

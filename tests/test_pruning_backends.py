@@ -95,7 +95,8 @@ def test_method_sets_the_fast_path_does_not_serve_fall_back_with_a_message(tiny_
         with torch.inference_mode(), Pruner(model, methods, mode="physical", backend="reference") as pruner:
             model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert pruner.backend is None
-    with pytest.raises(PruningError, match="backend must be one of auto, reference, triton, xformers, got 'cuda'"):
+    with pytest.raises(PruningError, match="backend must be one of auto, reference, cpu, triton, xformers, gather, "
+                                           "got 'cuda'"):
         Pruner(model, [_method(model)], mode="physical", backend="cuda")
 
 

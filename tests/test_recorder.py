@@ -1,4 +1,5 @@
-"""The recorder against transformers' own eager attention weights (the oracle), on every family."""
+"""The recorder against transformers' own eager attention weights (the oracle), on every family,
+decoding on a dynamic and on a static (preallocated) KV cache."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from transformers import AutoModelForImageTextToText
 
 import vpstudy
 from vpstudy.processing import format_prompt, prepare_batch
-from vpstudy.recorder import RecorderError, _ACTIVE
+from vpstudy.hooks import HookContext
+from vpstudy.recorder import RecorderError
 from vpstudy.rules import Threshold, ThresholdError
 
 from vpstudy.families import FAMILIES
 
 ALL_FAMILIES = sorted(FAMILIES)
+CACHES = ("dynamic", "static")  # generate(cache_implementation=...): the recorder must read both exactly
 
 QUESTIONS = ["what colour is the square", "count the red objects", "is there a circle left of the blue square"]
 NEW_TOKENS = 8
@@ -35,23 +38,27 @@ def _inputs(model, processor, indices=(0, 1, 2)):
     return prepare_batch(processor, spec, model.config, prompts, [images[i] for i in indices])
 
 
-def _generate(model, inputs, **kwargs):
+def _generate(model, inputs, cache=None, **kwargs):
+    if cache is not None:
+        kwargs["cache_implementation"] = cache
     return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
 
 
-@pytest.fixture(scope="module", params=ALL_FAMILIES)
+@pytest.fixture(scope="module", params=[(f, c) for f in ALL_FAMILIES for c in CACHES], ids="-".join)
 def family_run(request, tiny_dirs):
-    """Per family: a padded batch of 3 recorded with all layers, plus the eager oracle."""
-    path = tiny_dirs[request.param]
+    """Per family and cache: a padded batch of 3 recorded with all layers, plus the oracle (eager
+    attention weights of transformers' default generation, which owes nothing to the recorder)."""
+    family, cache = request.param
+    path = tiny_dirs[family]
     model, processor = vpstudy.load(path)
     inputs = _inputs(model, processor)
-    plain = _generate(model, inputs)
+    plain = _generate(model, inputs, cache)
     with vpstudy.record(model, thresholds=THRESHOLDS) as rec:
-        recorded = _generate(model, inputs)
+        recorded = _generate(model, inputs, cache)
     eager = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
     oracle = _generate(eager, inputs, output_attentions=True, return_dict_in_generate=True)
     return dict(model=model, processor=processor, inputs=inputs, plain=plain, recorded=recorded,
-                traces=rec.traces(), oracle=oracle, family=request.param)  # fmt: skip
+                traces=rec.traces(), oracle=oracle, family=family, cache=cache)  # fmt: skip
 
 
 def _oracle_rows(run, b: int) -> np.ndarray:
@@ -125,7 +132,7 @@ def test_padded_batch_equals_one_by_one(family_run):
     model, processor = family_run["model"], family_run["processor"]
     for b, batched in enumerate(family_run["traces"]):
         with vpstudy.record(model, thresholds=THRESHOLDS) as rec:
-            _generate(model, _inputs(model, processor, indices=(b,)))
+            _generate(model, _inputs(model, processor, indices=(b,)), family_run["cache"])
         (single,) = rec.traces()
         assert single.n_steps == batched.n_steps and single.n_visual == batched.n_visual
         np.testing.assert_allclose(single.scores, batched.scores, atol=1e-5, rtol=0)
@@ -140,13 +147,13 @@ def test_model_restored_exactly_after_exit(family_run):
     with torch.inference_mode():
         logits_before = model(**inputs).logits
     with vpstudy.record(model, layers=[0]):
-        assert model.config.get_text_config()._attn_implementation.startswith("vpstudy_record_")
+        assert model.config.get_text_config()._attn_implementation.startswith("vpstudy_hooks_")
         assert model.config.vision_config._attn_implementation == before[configs.index(model.config.vision_config)]
     assert [c._attn_implementation for c in configs] == before
-    assert not model._forward_pre_hooks and not _ACTIVE
+    assert not model._forward_pre_hooks and HookContext.of(model) is None and "generate" not in vars(model)
     with torch.inference_mode():
         assert torch.equal(model(**inputs).logits, logits_before)
-    assert torch.equal(_generate(model, inputs), family_run["plain"])
+    assert torch.equal(_generate(model, inputs, family_run["cache"]), family_run["plain"])
 
 
 def test_restored_even_when_generation_raises(tiny_dirs):
@@ -155,7 +162,7 @@ def test_restored_even_when_generation_raises(tiny_dirs):
         with vpstudy.record(model):
             model.generate(input_ids=torch.tensor([[2, 20, 21]]), max_new_tokens=2)
     assert model.config.get_text_config()._attn_implementation == "sdpa"
-    assert not model._forward_pre_hooks and not _ACTIVE
+    assert not model._forward_pre_hooks and HookContext.of(model) is None
 
 
 def test_layer_selection(tiny_dirs):

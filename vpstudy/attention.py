@@ -5,11 +5,11 @@ position that predicts the next token, against every cached key. :func:`visual_r
 from ``q`` and the cached ``k`` alone, so the model itself can run any attention backend (SDPA,
 flash, xformers) and never has to materialise a probability matrix.
 
-Semantics (SPEC, Definitions): softmax over *all* visible keys at temperature 1, in float32;
+Semantics (docs/design.md, Definitions): softmax over *all* visible keys at temperature 1, in float32;
 ``p̄`` is the mean over query heads of those probabilities, restricted to visual keys; mass is
 ``Σ p̄`` over visual keys; the max-head mass is the largest per-head visual share. The
 VisionPulse budget signal is the same max-head share of ``softmax(logits / τ)`` at a
-temperature τ (SPEC, VisionPulse budget), computed here for each requested τ.
+temperature τ (docs/design.md, VisionPulse budget), computed here for each requested τ.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """A named pruning configuration: what ``vpstudy evaluate --method NAME --set k=v`` builds.
 
-``NAME`` is a method of :data:`~vpstudy.pruning.methods.METHODS`, several joined by ``+``
+``NAME`` is a method of :data:`~vpstudy.pruning.registry.METHODS`, several joined by ``+``
 (composed, e.g. ``fastv+visionpulse``), or ``dense`` (no pruning). Settings are ``key=value``
 strings converted to the field's type; with several methods, prefix the key with the method
-(``fastv.layer=2``). A fitted :class:`~vpstudy.budget.BudgetRule` goes to VisionPulse.
+(``fastv.layer=2``). A fitted :class:`~vpstudy.rules.BudgetRule` goes to VisionPulse.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..rules import BudgetRule
-from .methods import METHODS, PruningError, PruningMethod, VisionPulse, make_method
-
-DENSE = "dense"
+from .methods import PruningError, PruningMethod, VisionPulse
+from .registry import DENSE, METHODS, make_method
 
 
 @dataclass
@@ -28,10 +27,12 @@ class PruningPlan:
         """JSON-able: the label and each method with its settings (a rule by name only)."""
         out = []
         for method in self.methods:
-            settings = {f.name: getattr(method, f.name) for f in fields(method)}
+            settings = {f.name: getattr(method, f.name) for f in fields(method) if f.init}
             if isinstance(settings.get("rule"), BudgetRule):
                 settings["rule"] = settings["rule"].name or settings["rule"].signal
-            out.append({"method": method.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}})
+            out.append(
+                {"method": method.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
+            )
         return {"name": self.name, "methods": out}
 
     def rule_json(self) -> dict[str, Any] | None:
@@ -43,7 +44,8 @@ class PruningPlan:
         return None
 
 
-def _convert(method: str, key: str, annotation: str, text: str) -> Any:
+def _convert(method: str, key: str, annotation: object, text: str) -> Any:
+    # annotation: the dataclass field's type, a string under postponed evaluation (else a type)
     kind = str(annotation)
     try:
         if "tuple" in kind:
@@ -74,8 +76,9 @@ def parse_settings(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def build_plan(name: str, settings: dict[str, str] | None = None, *, rule: BudgetRule | None = None,
-               label: str | None = None) -> PruningPlan | None:  # fmt: skip
+def build_plan(
+    name: str, settings: dict[str, str] | None = None, *, rule: BudgetRule | None = None, label: str | None = None
+) -> PruningPlan | None:
     """The plan for ``--method name --set ...`` (None for ``dense``); one-line errors for an
     unknown method or setting, a value of the wrong type, or a rule given to no VisionPulse."""
     settings = dict(settings or {})
@@ -93,10 +96,12 @@ def build_plan(name: str, settings: dict[str, str] | None = None, *, rule: Budge
         mine = {k[len(prefix) :]: v for k, v in settings.items() if k.startswith(prefix)}
         if len(names) == 1:
             mine |= {k: v for k, v in settings.items() if "." not in k}
-        types = {f.name: f.type for f in fields(METHODS[method_name])}
+        types = {f.name: f.type for f in fields(METHODS[method_name]) if f.init}
         unknown_keys = sorted(set(mine) - set(types))
         if unknown_keys:
-            raise PruningError(f"{method_name}: unknown setting(s) {', '.join(unknown_keys)} (known: {', '.join(sorted(types))})")
+            raise PruningError(
+                f"{method_name}: unknown setting(s) {', '.join(unknown_keys)} (known: {', '.join(sorted(types))})"
+            )
         values = {k: _convert(method_name, k, types[k], v) for k, v in mine.items()}
         if method_name == VisionPulse.name and rule is not None:
             values["rule"] = rule
@@ -104,7 +109,10 @@ def build_plan(name: str, settings: dict[str, str] | None = None, *, rule: Budge
     leftover = [k for k in settings if "." in k and k.split(".", 1)[0] not in names]
     if leftover or (len(names) > 1 and any("." not in k for k in settings)):
         bad = leftover or [k for k in settings if "." not in k]
-        raise PruningError(f"setting(s) {', '.join(bad)} name no method of {name} (prefix them, e.g. {names[0]}.{bad[0].split('.')[-1]})")
+        raise PruningError(
+            f"setting(s) {', '.join(bad)} name no method of {name} "
+            f"(prefix them, e.g. {names[0]}.{bad[0].split('.')[-1]})"
+        )
     if rule is not None and VisionPulse.name not in names:
         raise PruningError(f"a budget rule was given but {name} has no visionpulse to use it")
     return PruningPlan(label or name, methods)
