@@ -19,11 +19,12 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
-def planted_organism_run(root: Path) -> tuple[Any, Any, dict[str, list]]:
+def planted_organism_run(root: Path, score_layers: list[int] | None = None) -> tuple[Any, Any, dict[str, list]]:
     """A run over 8 organism evaluation examples whose generated traces equal the references,
     with planted scores: layer 1 puts a 0.3 peak on a referred token on 70% of the steps that
     refer to cells (elsewhere otherwise) and gives image-reading steps more mass; the other
-    layers are flat. Returns (opened run, dataset, truth)."""
+    layers are flat. With ``score_layers``, the same run as ``--store analysis`` keeps it: p̄
+    only at those layers (everything else is identical). Returns (opened run, dataset, truth)."""
     import vpstudy
     from vpstudy.rules import anchor_layer
     from vpstudy.collect import sample_tables
@@ -38,7 +39,10 @@ def planted_organism_run(root: Path) -> tuple[Any, Any, dict[str, list]]:
     dataset = load_dataset(write_eval_set(root / "data", n=8, seed=3))
     tokenizer = build_parts("llava").tokenizer
     rng = np.random.default_rng(0)
-    writer = RunWriter(root / "run", {"kind": "record", "layers": LAYERS})
+    manifest: dict[str, Any] = {"kind": "record", "layers": LAYERS}
+    if score_layers is not None:
+        manifest["store"] = {"policy": "analysis", "score_layers": score_layers}
+    writer = RunWriter(root / "run", manifest)
     truth = {"hits": [], "listing": [], "read": [], "text": [], "signal": [], "is_read": []}
     for example in dataset:
         words = example.extra["trace"].split() + ["</s>"]
@@ -64,8 +68,33 @@ def planted_organism_run(root: Path) -> tuple[Any, Any, dict[str, list]]:
         trace = SampleTrace(
             layers=LAYERS, thresholds=[Threshold(0.001)], visual_positions=np.arange(N_V),
             mass=scores.sum(-1), max_head_mass=scores.sum(-1), active=(scores > 0.001).sum(-1, keepdims=True),
-            max_scores=scores.max(0), scores=scores, temperatures=[0.1, 0.4], tau_max_head_mass=signal,
+            max_scores=scores.max(0), temperatures=[0.1, 0.4], tau_max_head_mass=signal,
+            scores=scores if score_layers is None else scores[:, [LAYERS.index(x) for x in score_layers]],
+            score_layers=score_layers,
         )  # fmt: skip
         ids = tokenizer.convert_tokens_to_ids(words)
         writer.write_sample(*sample_tables(example, dataset.name, trace, ids, tokenizer, [8, 8]))
     return vpstudy.open_run(root / "run"), dataset, truth
+
+
+def restrict_store(run_dir: Path, policy: str) -> None:
+    """Turn a ``--store full`` run into what ``--store <policy>`` records of the same generation:
+    p̄ per step only at the analysis layer (``analysis``) or nowhere (``scalars``); the steps
+    table and ``max_scores`` are the same under every policy (tests/test_store.py checks that the
+    recorder writes exactly this)."""
+    import json
+
+    from vpstudy.storage import analysis_layer
+
+    manifest_path = run_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    layers = manifest["layers"]
+    assert manifest.get("store", {}).get("policy", "full") == "full", "restrict a full run"
+    keep = [analysis_layer(layers)] if policy == "analysis" else []
+    for scores in run_dir.glob("arrays/*/scores.npy"):
+        if keep:
+            np.save(scores, np.load(scores)[:, [layers.index(x) for x in keep]])
+        else:
+            scores.unlink()
+    manifest["store"] = {"policy": policy, "score_layers": keep}
+    manifest_path.write_text(json.dumps(manifest, indent=2))

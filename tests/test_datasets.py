@@ -166,3 +166,113 @@ def test_record_errors(tmp_path: Path, record: object, message: str) -> None:
     with pytest.raises(DatasetError) as err:
         load_dataset(path)
     assert str(err.value).startswith(f"{path}:" + message.format(path=path))
+
+
+def test_jsonl_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"id": 0, "image": "a.png", "question": "q"}\n'
+                     b'{"id": 1, "image": "a.png", "question": "caf\xe9"}\n')
+    with pytest.raises(DatasetError) as err:
+        load_dataset(path)
+    assert str(err.value) == f"{path}:line 2: not UTF-8 text (byte 0xe9 at column 45); save the file as UTF-8"
+    assert len(load_dataset(path, limit=1)) == 1
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"id": 0, "image": "a.png", "question": "q"}\n')
+    assert load_dataset(bom)[0].id == "0"  # a UTF-8 byte-order mark is fine
+
+
+def _image_dataset(tmp_path: Path, image: Image.Image, name: str, fmt: str = "PNG") -> Path:
+    (tmp_path / "img").mkdir(exist_ok=True)
+    image.save(tmp_path / "img" / name, format=fmt)
+    return write_jsonl(tmp_path / f"{name}.jsonl", [{"id": 0, "image": f"img/{name}", "question": "q"}])
+
+
+def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    import numpy as np
+
+    levels = np.array([[0, 257 * 100, 65535, 1000]], dtype=np.uint16)
+    path = _image_dataset(tmp_path, Image.fromarray(levels), "deep.png")
+    with Image.open(tmp_path / "img" / "deep.png") as raw:
+        assert raw.mode.startswith("I")  # a real 16-bit PNG
+    rgb = np.asarray(load_dataset(path)[0].image())
+    assert rgb.shape == (1, 4, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert rgb[0, :, 0].tolist() == [0, 100, 255, 4]  # PIL's own convert gives [0, 255, 255, 255]
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([[0.0, 0.5, 1.0]], [0, 128, 255]),  # float in 0..1: scaled
+        ([[0.0, 100.0, 255.0]], [0, 100, 255]),  # float in 0..255: kept
+        ([[0.0, 70.0, 300.5]], "with values in \\[0, 300.5\\], which fit neither 8-bit nor 16-bit nor 0..1 grey"),
+        ([[0.0, float("nan"), 1.0]], "with NaN or infinite values"),
+    ],
+)
+def test_float_images_are_scaled_or_refused(tmp_path: Path, values: list, expected: object) -> None:
+    import numpy as np
+
+    path = _image_dataset(tmp_path, Image.fromarray(np.asarray(values, dtype=np.float32), mode="F"), "f.tiff", "TIFF")
+    example = load_dataset(path)[0]
+    if isinstance(expected, str):
+        with pytest.raises(DatasetError, match=f"^{path}:line 1: image 'img/f.tiff' has mode F {expected}.*; save it"):
+            example.image()
+    else:
+        assert np.asarray(example.image())[0, :, 0].tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([[0, 100, 255]], [0, 100, 255]),  # 32-bit integers in 0..255: kept
+        ([[0, 257 * 50, 65535]], [0, 50, 255]),  # in 0..65535: 16-bit levels
+        ([[0, 1, 70000]], "values in \\[0, 70000\\], which fit neither 8-bit nor 16-bit grey levels"),
+        ([[-5, 0, 10]], "values in \\[-5, 10\\]"),
+    ],
+)
+def test_32_bit_integer_images_are_scaled_or_refused(tmp_path: Path, values: list, expected: object) -> None:
+    import numpy as np
+
+    image = Image.fromarray(np.asarray(values, dtype=np.int32), mode="I")
+    path = _image_dataset(tmp_path, image, "i.tiff", "TIFF")
+    example = load_dataset(path)[0]
+    if isinstance(expected, str):
+        with pytest.raises(DatasetError, match=f"image 'img/i.tiff' has mode I with {expected}"):
+            example.image()
+    else:
+        assert np.asarray(example.image())[0, :, 0].tolist() == expected
+
+
+def test_fingerprint_covers_the_whole_source_not_the_limit(jsonl_data: Path, tmp_path: Path) -> None:
+    whole = load_dataset(jsonl_data).fingerprint()
+    assert whole["records"] == 4 and len(whole["sha256"]) == 64
+    assert load_dataset(jsonl_data, limit=1).fingerprint() == whole  # a --limit prefix is the same dataset
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(jsonl_data.parent, copy)
+    assert load_dataset(copy / "x.jsonl").fingerprint() == whole  # the same files elsewhere: the same dataset
+    (copy / "img" / "a.png").write_bytes(png_bytes((255, 0, 0), size=(64, 48)))  # an image of another size
+    assert load_dataset(copy / "x.jsonl").fingerprint() != whole
+    lines = jsonl_data.read_text().splitlines()
+    (copy / "y.jsonl").write_text("\n".join([lines[0].replace("red", "blue"), *lines[1:]]) + "\n")  # another answer
+    assert load_dataset(copy / "y.jsonl").fingerprint()["sha256"] != whole["sha256"]
+    (copy / "z.jsonl").write_text("\n".join([*lines, "{not json"]) + "\n")  # a broken record past the limit counts
+    assert load_dataset(copy / "z.jsonl", limit=2).fingerprint()["records"] == 5
+
+
+def test_fingerprint_of_embedded_images(tmp_path: Path) -> None:
+    def frame(colour: tuple[int, int, int]) -> pd.DataFrame:
+        return pd.DataFrame({"id": [1, 2], "image": [png_bytes((0, 0, 0)), png_bytes(colour)], "question": ["q", "q"]})
+
+    frame((0, 0, 255)).to_parquet(tmp_path / "a.parquet")
+    frame((0, 0, 255)).to_parquet(tmp_path / "b.parquet")
+    frame((0, 255, 0)).to_parquet(tmp_path / "c.parquet")
+    a, b, c = (load_dataset(tmp_path / f"{n}.parquet").fingerprint() for n in "abc")
+    assert a == b and a != c and a["records"] == 2
+
+
+def test_check_images_finds_a_missing_image_without_opening_any(jsonl_data: Path) -> None:
+    dataset = load_dataset(jsonl_data)
+    with pytest.raises(DatasetError, match=r"x.jsonl:line 4: image 'img/missing.png' not found$"):
+        dataset.check_images()
+    load_dataset(jsonl_data, limit=2).check_images()  # the broken image of line 5 is not opened

@@ -9,7 +9,7 @@ A dataset may annotate its reference traces (extra fields of a record, see
 - ``token_boxes``: per trace token, the image regions it refers to, as a list of boxes
   ``[x0, y0, x1, y1]`` in fractions of the image width and height (``[]``: none).
 
-A run's step ``t`` predicts generated token ``t`` (SPEC, Definitions), so it is annotated with
+A run's step ``t`` predicts generated token ``t`` (docs/design.md, "Definitions"), so it is annotated with
 reference token ``t`` when the model is *on the reference path* there: every token it generated
 before ``t`` equals the reference's. The step after the last reference token (where the
 reference ends, e.g. the EOS step) is on the path as a text-only step without regions. Off-path
@@ -23,13 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .datasets import VisionDataset
-from .runs import Run
 from .errors import VpstudyError
+from .runs import Run
+from .scoring import THINK_CLOSE, THINK_OPEN
 
 
 class AnnotationError(VpstudyError):
@@ -69,6 +71,13 @@ def _trace_tokens(value: object, where: str) -> list[str]:
     raise AnnotationError(f"{where}: 'trace' must be a string or a list of strings")
 
 
+def _per_token(values: object, name: str, n_tokens: int, where: str) -> list[Any]:
+    """``values`` if it is a list of one entry per trace token, else a one-line error."""
+    if not isinstance(values, list) or len(values) != n_tokens:
+        raise AnnotationError(f"{where}: '{name}' needs one entry per trace token ({n_tokens})")
+    return values
+
+
 def _word(token_text: object) -> str:
     """A generated token's text as a trace word: word-boundary markers (▁, Ġ) and spaces dropped."""
     return str(token_text).replace("\u2581", " ").replace("\u0120", " ").strip()
@@ -100,11 +109,10 @@ def step_annotations(run: Run, dataset: VisionDataset) -> list[StepAnnotation]:
         if ex is None:
             raise AnnotationError(f"{dataset.path}: run sample {sample.sample_id!r} is not in this dataset")
         reference = _trace_tokens(ex.extra.get("trace"), ex.source)
-        reads = ex.extra.get("token_reads_image")
-        boxes = ex.extra.get("token_boxes", [[] for _ in reference])
-        for name, values in (("token_reads_image", reads), ("token_boxes", boxes)):
-            if not isinstance(values, list) or len(values) != len(reference):
-                raise AnnotationError(f"{ex.source}: '{name}' needs one entry per trace token ({len(reference)})")
+        reads = _per_token(ex.extra.get("token_reads_image"), "token_reads_image", len(reference), ex.source)
+        boxes = _per_token(
+            ex.extra.get("token_boxes", [[] for _ in reference]), "token_boxes", len(reference), ex.source
+        )
         grid = tuple(np.asarray(sample.grid_shape).tolist())
         if int(np.prod(grid)) != int(sample.n_visual) and any(boxes):
             raise AnnotationError(
@@ -132,3 +140,47 @@ def annotation_frame(annotations: Sequence[StepAnnotation]) -> pd.DataFrame:
             "region": [a.region for a in annotations],
         }
     )
+
+
+def think_phases(run: Run) -> pd.DataFrame:
+    """Which steps of a reasoning model's traces are inside its ``<think>…</think>`` block.
+
+    Read from the run alone: the generated token texts (``token_text``) and ``answer_text`` (None
+    for a trace still reasoning when it ended, see :func:`vpstudy.scoring.answer_text`). A step is
+    ``think`` from the trace's start (the chat template of a thinking model opens ``<think>`` in the
+    prompt) or from a generated ``<think>`` token, through the step that generates ``</think>``;
+    the steps after the last ``</think>`` are ``answer``. A trace with no ``</think>`` is all
+    ``think`` when it has no answer (cut inside its reasoning) and all ``answer`` otherwise (a
+    model that does not reason).
+
+    Returns:
+        A table ``sample_id, step, phase`` with one row per recorded step, phase ``"think"`` or
+        ``"answer"``.
+    """
+    first_layer = run.steps["layer"].min()
+    texts = (
+        run.steps[run.steps["layer"] == first_layer]
+        .sort_values(["sample_id", "step"])
+        .groupby("sample_id")["token_text"]
+        .agg(list)
+    )
+    no_answer = dict(zip(run.samples["sample_id"], run.samples["answer_text"].isna(), strict=True))
+    frames = []
+    for sample_id, tokens in texts.items():
+        words = [str(t).strip() for t in tokens]
+        closes = [i for i, w in enumerate(words) if w == THINK_CLOSE]
+        phase = np.full(len(words), "answer", dtype=object)
+        if closes:
+            opens = [i for i, w in enumerate(words[: closes[-1]]) if w == THINK_OPEN]
+            phase[(opens[0] if opens else 0) : closes[-1] + 1] = "think"
+        elif no_answer.get(sample_id, False):
+            phase[:] = "think"
+        frames.append(pd.DataFrame({"sample_id": sample_id, "step": np.arange(len(words)), "phase": phase}))
+    if not frames:
+        return pd.DataFrame({"sample_id": [], "step": np.array([], dtype=np.int64), "phase": []})
+    return pd.concat(frames, ignore_index=True)
+
+
+def has_think_steps(run: Run) -> bool:
+    """Whether some recorded step of ``run`` is inside a ``<think>`` block (:func:`think_phases`)."""
+    return bool((think_phases(run)["phase"] == "think").any())

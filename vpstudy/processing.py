@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
-from .families import FamilySpec
 from .errors import VpstudyError
+from .families import FamilySpec
 
 
 class InputError(VpstudyError):
@@ -49,17 +49,34 @@ class FallbackProcessor:
         return f"FallbackProcessor(family={self.spec.name!r}, image_processor={type(self.image_processor).__name__})"
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+        """The tokenizer's chat template applied to ``messages`` (a prompt string, or token ids
+        with ``tokenize=True``), as ``tokenizer.apply_chat_template``."""
         return self.tokenizer.apply_chat_template(messages, **kwargs)
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        """One string per sequence of token ids, as ``tokenizer.batch_decode``."""
         return self.tokenizer.batch_decode(*args, **kwargs)
 
     def decode(self, *args: Any, **kwargs: Any) -> str:
+        """One sequence of token ids as a string, as ``tokenizer.decode``."""
         return self.tokenizer.decode(*args, **kwargs)
 
     def __call__(
         self, text: Sequence[str], images: Sequence[Image.Image] | None = None, **_: Any
     ) -> BatchFeature:
+        """Tokenize ``text`` with each image placeholder expanded to that image's visual-token count.
+
+        Args:
+            text: one prompt per row, holding one image placeholder per image, in order.
+            images: the images of all prompts, in placeholder order.
+
+        Returns:
+            ``input_ids`` and ``attention_mask`` [B, T] (left-padded), the image processor's
+            tensors, and ``mm_token_type_ids`` [B, T] for families that need it.
+
+        Raises:
+            InputError: the placeholders and the images do not match one to one.
+        """
         images = list(images or [])
         image_inputs = dict(self.image_processor(images=images, return_tensors="pt")) if images else {}
         context = {"config": self.config, "image_processor": self.image_processor}
@@ -104,7 +121,12 @@ def format_prompt(processor: Any, spec: FamilySpec, question: str) -> str:
 
 
 def prepare_batch(
-    processor: Any, spec: FamilySpec, config: Any, prompts: Sequence[str], images: Sequence[Image.Image]
+    processor: Any,
+    spec: FamilySpec,
+    config: Any,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image],
+    names: Sequence[str] | None = None,
 ) -> BatchFeature:
     """Model inputs for a batch of one-image prompts, left-padded, with visual positions checked.
 
@@ -114,6 +136,8 @@ def prepare_batch(
         config: the model config (for placeholder ids).
         prompts: formatted prompts, each holding exactly one image prompt.
         images: one RGB image per prompt.
+        names: where each prompt comes from (e.g. ``data.jsonl:line 3``), for error messages
+            (default: ``prompt <i>``, its index in the batch).
 
     Returns:
         A ``BatchFeature`` with ``input_ids`` and ``attention_mask`` of shape [B, T], image
@@ -126,11 +150,13 @@ def prepare_batch(
     if len(prompts) != len(images):
         raise InputError(f"{len(prompts)} prompts but {len(images)} images")
     for i, prompt in enumerate(prompts):
+        where = f"prompt {i}" if names is None else f"{names[i]}: the prompt"
         count = prompt.count(spec.image_token_text)
         if count == 0:
-            raise InputError(f"prompt {i} holds no image placeholder {spec.image_token_text!r}: {prompt[:60]!r}")
+            raise InputError(f"{where} holds no image placeholder {spec.image_token_text!r}: {prompt[:60]!r}")
         if count != 1:
-            raise InputError(f"prompt {i} holds {count} image placeholders {spec.image_token_text!r} for its one image")
+            raise InputError(f"{where} holds {count} image placeholders {spec.image_token_text!r} for its one image"
+                             + ("" if names is None else " (the question must not contain it)"))
     tokenizer = tokenizer_of(processor)
     tokenizer.padding_side = "left"
     inputs = processor(text=list(prompts), images=list(images), return_tensors="pt", padding=True)
