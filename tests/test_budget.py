@@ -160,3 +160,58 @@ def test_fit_budget_cli_writes_a_rule_and_never_overwrites(tmp_path, capsys):
     assert snapshot(tmp_path) == before
     assert main(["fit-budget", str(tmp_path / "run"), "--layer", "9", "--delta", "0.001", "--out", str(tmp_path / "b.json")]) == 2  # fmt: skip
     assert "layer 9 was not recorded" in capsys.readouterr().err and not (tmp_path / "b.json").exists()
+
+
+def _shifting_run(root, n_samples=8, steps=10, n_v=40):
+    """Four layers; layer 2's top-4 set is exactly where layers 3 attends (the planted best anchor),
+    layers 0 and 1 attend elsewhere, and layer 3's own set moves every step."""
+    manifest = {"kind": "record", "layers": [0, 1, 2, 3], "model": {"family": "llava", "path": "/m"},
+                "model_config_hash": "h", "thresholds": ["0.001"]}  # fmt: skip
+    rng = np.random.default_rng(1)
+    with RunWriter(root, manifest) as writer:
+        for i in range(n_samples):
+            scores = np.full((steps, 4, n_v), 1e-3, dtype=np.float32)
+            for t in range(steps):
+                target = (4 * t + np.arange(4)) % n_v
+                scores[t, 3, target] = 0.2
+                scores[t, 2, target] = 0.2
+                scores[t, 1, (target + 20) % n_v] = 0.2
+                scores[t, 0, rng.choice(n_v, 4, replace=False)] = 0.2
+            mass = scores.sum(-1)
+            table = pd.DataFrame({
+                "sample_id": f"s{i}", "step": np.repeat(np.arange(steps), 4), "layer": np.tile([0, 1, 2, 3], steps),
+                "token_text": "x", "mass": mass.reshape(-1), "max_head_mass": mass.reshape(-1),
+                "active@0.001": (scores > 0.001).sum(-1).reshape(-1),
+            })  # fmt: skip
+            sample = {"sample_id": f"s{i}", "dataset": "d", "steps": steps, "n_visual": n_v, "grid_shape": [5, 8]}
+            writer.write_sample(sample, table, {"scores": scores.astype(np.float16), "max_scores": scores.max(0)})
+    return vpstudy.open_run(root)
+
+
+def test_anchor_auto_chooses_the_layer_that_covers_the_deeper_ones(tmp_path):
+    from vpstudy.stats.fit import anchor_coverage, choose_anchor
+
+    run = _shifting_run(tmp_path / "run")
+    coverage = anchor_coverage(run, run.sample_ids, 0.1)  # K = 4
+    # independent recomputation for layer 1: its top-4 holds none of layer 2's or 3's peaks
+    s = run.scores(run.sample_ids[0]).astype(np.float64)[1:]
+    top = np.argsort(-s[:, 1], axis=-1, kind="stable")[:, :4]
+    share = [np.take_along_axis(s[:, l], top, -1).sum(-1) / s[:, l].sum(-1) for l in (2, 3)]
+    assert coverage[2] > 0.9 > coverage[1] and coverage[0] < coverage[2]
+    assert choose_anchor(coverage) == 2
+    rule = fit_budget(run, layer="auto", delta="0.001", anchor_budget=0.1, localization={2: 0.9})
+    assert rule.layer == 2 and rule.fit["anchor_choice"]["chosen"] == 2
+    assert rule.fit["anchor_choice"]["localization"] == {"2": 0.9}
+    assert np.mean(share) < 0.5
+
+
+def test_the_fit_uses_decode_steps_only_and_refuses_a_pruned_run(tmp_path):
+    run = _planted_run(tmp_path / "run")
+    rule = fit_budget(run, layer=3, delta="0.001")
+    decode = run.steps[(run.steps.layer == 3) & (run.steps.step >= 1)]
+    assert rule.fit["train_steps"] + rule.fit["heldout"]["steps"] == len(decode)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    manifest["method"] = {"name": "topk-5", "methods": []}
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BudgetRuleError, match="recorded under topk-5; fit a budget rule on a dense recording"):
+        fit_budget(vpstudy.open_run(tmp_path / "run"), layer=3, delta="0.001")

@@ -24,8 +24,14 @@ def solve(objects: list[dict], question: str) -> str:
     grid = _grid(objects)
     w = question.split()
     count = lambda colour: sum(o["colour"] == colour for o in grid.values())  # noqa: E731
+    if w[:2] == ["how", "many"] and w[3] == "and":  # v2: the sum of two colours' counts
+        return str(count(w[2]) + count(w[4]))
     if w[:2] == ["how", "many"]:
         return str(count(w[2]))
+    if w[:3] == ["how", "far", "is"]:  # v2: grid distance between two named objects
+        (a,), (b,) = ([pos for pos, o in grid.items() if o["colour"] == w[i] and o["shape"] == w[i + 1]]
+                      for i in (4, 8))  # fmt: skip
+        return str(abs(a[0] - b[0]) + abs(a[1] - b[1]))
     if w[:3] == ["is", "there", "a"]:
         return "yes" if any(o["colour"] == w[3] and o["shape"] == w[4] for o in grid.values()) else "no"
     if w[0] == "more":
@@ -143,3 +149,20 @@ def test_content_classes_label_each_visual_token_with_its_cells_content():
                 colour, shape = colours[(label - 1) // len(SHAPES)], SHAPES[(label - 1) % len(SHAPES)]
                 obj = scene.at((ty // 2) * 4 + tx // 2)
                 assert (obj.colour, obj.shape) == (colour, shape)
+
+
+def test_v2_tasks_agree_with_the_independent_solver_and_keep_v1_unchanged():
+    from vpstudy.organism.tasks import QUESTION_TYPES, TASKS, vocabulary
+
+    v2 = generate(2000, seed=12, qtypes=TASKS["v2"])
+    assert {e.qtype for e in v2} == set(TASKS["v2"]) and set(QUESTION_TYPES) < set(TASKS["v2"])
+    for ex in v2:
+        assert solve(ex.scene.to_json(), ex.question) == ex.answer, (ex.question, ex.trace)
+        assert len(ex.trace) == len(ex.cells) == len(ex.reads_image)
+    # the new types' arithmetic stretch is text-only: nothing after the last cell name reads the image
+    for ex in (e for e in v2 if e.qtype in ("sum", "distance")):
+        last_read = max(i for i, r in enumerate(ex.reads_image) if r)
+        tail = ex.trace[last_read + 1 :]
+        assert "plus" in tail and not any(ex.reads_image[last_read + 1 :])
+    # v2's vocabulary extends v1's: every v1 word keeps its id
+    assert vocabulary("v2")[: len(vocabulary("v1"))] == vocabulary("v1")

@@ -110,3 +110,81 @@ def _exit_code(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as stop:
         return int(stop.code)
+
+
+def test_the_visual_mass_lever_equals_eager_attention():
+    """The lever's mass of the text-only rows equals the same quantity read off transformers'
+    eager attention weights (output_attentions), the oracle."""
+    import torch
+
+    from vpstudy.organism.lever import VisualMassLever
+    from vpstudy.organism.tasks import TASKS, generate
+    from vpstudy.organism.train import _Trainer, training_batch, v2_settings
+
+    settings = v2_settings(arch=Architecture(text_hidden=64, text_layers=2, text_intermediate=128, patch=8),
+                           batch_size=4, threads=1)  # fmt: skip
+    trainer = _Trainer.fresh(settings)
+    model = trainer.model.eval()
+    batch = training_batch(trainer.parts.processor, model, generate(4, 5, TASKS["v2"]))
+    rows = batch.pop("text_only_rows")
+    visual = batch["input_ids"] == model.config.image_token_id
+    with torch.no_grad(), VisualMassLever(model) as lever:
+        lever.select(rows, visual, batch["attention_mask"])
+        model(**batch)
+        ours = lever.mass().item()
+    eager = AutoModelForImageTextToText.from_config(model.config, attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        attentions = eager.eval()(**batch, output_attentions=True).attentions
+    per_layer = [(a * visual[:, None, None, :]).sum(-1).mean(1)[rows] for a in attentions]
+    assert ours == pytest.approx(torch.stack(per_layer).mean().item(), rel=1e-5)
+    assert rows.sum() > 0 and len(attentions) == 2
+
+
+def test_v2_training_resumes_exactly_after_a_kill(tmp_path):
+    """A run killed after a checkpoint and run again continues where it stopped: the same loss
+    column as an uninterrupted run (here the kill is simulated by an exception after step 3)."""
+    from vpstudy.organism import train as train_module
+    from vpstudy.organism.train import v2_settings
+
+    small = Architecture(text_hidden=64, text_layers=2, text_intermediate=128, patch=8)
+    settings = v2_settings(arch=small, steps=5, batch_size=4, threads=1, eval_every=5, eval_size=4,
+                           checkpoint_every=2)  # fmt: skip
+    train(settings, tmp_path / "whole", progress=False)
+    steps = train_module._Trainer.steps
+
+    def dying(self):  # yields two steps past the first checkpoint, then dies like a killed process
+        for row in steps(self):
+            yield row
+            if row["step"] == 3:
+                raise KeyboardInterrupt
+
+    train_module._Trainer.steps = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(settings, tmp_path / "resumed", progress=False)
+    finally:
+        train_module._Trainer.steps = steps
+    assert (tmp_path / ".resumed.training" / "checkpoint.pt").is_file() and not (tmp_path / "resumed").exists()
+    train(settings, tmp_path / "resumed", progress=False)
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "whole")
+    assert not (tmp_path / ".resumed.training").exists()
+
+
+def test_a_warm_start_computes_the_source_text_model_exactly():
+    """The added layers start with zero residual outputs: on text alone, the warm-started 8-layer
+    model gives the 6-layer v1 organism's logits over v1's vocabulary."""
+    import torch
+
+    from vpstudy.organism.shipped import organism_dir
+    from vpstudy.organism.train import _Trainer, v2_settings
+
+    trainer = _Trainer.fresh(v2_settings(init_from=str(organism_dir("llava")), threads=1))
+    assert trainer.warm_start["layer_map"] == {0: 0, 1: 1, 2: 2, 3: None, 4: 3, 5: None, 6: 4, 7: 5}
+    source, processor = vpstudy.load(organism_dir("llava"))
+    ids = processor.tokenizer("<s> you see a grid of objects USER: how many red objects ? ASSISTANT: red :",
+                              return_tensors="pt")["input_ids"]  # fmt: skip
+    with torch.no_grad():
+        ours = trainer.model.eval()(input_ids=ids).logits[..., : source.config.text_config.vocab_size]
+        theirs = source(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

@@ -52,6 +52,8 @@ class Threshold:
 
     @classmethod
     def parse(cls, spec: str | float | Threshold) -> Threshold:
+        """A threshold from ``0.001``, ``"0.001"`` or ``"2/Nv"`` (a :class:`Threshold` is returned as is);
+        :class:`ThresholdError` if it is not a finite number >= 0."""
         if isinstance(spec, Threshold):
             return spec
         text = str(spec).strip()
@@ -185,8 +187,13 @@ class BudgetRule:
     def paper(cls, tau: float = 0.1, b_min: float = 0.01, b_max: float = 0.05, layer: int | None = None) -> BudgetRule:
         """VisionPulse's rule: r = clamp(max_h share at τ, b_min, b_max) (published: τ = 0.1 with
         [0.01, 0.05] and τ = 0.4 with [0.05, 0.10])."""
-        return cls(signal=f"max_head_mass@tau={tau:g}", b_min=b_min, b_max=b_max, layer=layer,
-                   name=f"paper τ={tau:g} [{b_min:g}, {b_max:g}]")  # fmt: skip
+        return cls(
+            signal=f"max_head_mass@tau={tau:g}",
+            b_min=b_min,
+            b_max=b_max,
+            layer=layer,
+            name=f"paper τ={tau:g} [{b_min:g}, {b_max:g}]",
+        )
 
     @property
     def tau(self) -> float:
@@ -224,6 +231,7 @@ class BudgetRule:
             )
 
     def to_json(self) -> dict[str, Any]:
+        """JSON-able: every field, tagged with the rule file format (read back by :meth:`from_json`)."""
         return {"format": RULE_FORMAT, **asdict(self)}
 
     def save(self, path: str | Path) -> Path:
@@ -238,6 +246,8 @@ class BudgetRule:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "budget rule") -> BudgetRule:
+        """The rule :meth:`to_json` wrote; a one-line :class:`BudgetRuleError` starting with ``where``
+        if ``data`` is not one."""
         if not isinstance(data, dict) or data.get("format") != RULE_FORMAT:
             raise BudgetRuleError(f"{where}: not a vpstudy budget rule (expected format {RULE_FORMAT!r})")
         fields = {k: v for k, v in data.items() if k != "format"}

@@ -26,8 +26,16 @@ PREFIX = "vpstudy_lever_"
 _ACTIVE: list[VisualMassLever] = []  # the lever whose rows the registered function reads
 
 
-def _wrapper(function: Any, base: str, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             attention_mask: Any, **kwargs: Any) -> Any:  # fmt: skip
+def _wrapper(
+    function: Any,
+    base: str,
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    **kwargs: Any,
+) -> Any:
     out = function(module, query, key, value, attention_mask, **kwargs)
     if _ACTIVE and getattr(module, "layer_idx", None) is not None:
         _ACTIVE[-1].observe(query, key, kwargs.get("scaling"))

@@ -22,11 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..families import get_family, mrope_section
-from ..processing import FallbackProcessor
-from ..testing import text_config, chat_template, make_tokenizer
-from .tasks import IMAGE_PX, vocabulary
 from ..errors import VpstudyError
+from ..families import FamilySpec, get_family, mrope_section
+from ..processing import FallbackProcessor
+from ..testing import chat_template, make_tokenizer, text_config
+from .tasks import IMAGE_PX, vocabulary
 
 ORGANISM_FAMILIES = ("llava", "qwen2_vl")
 # the module whose output holds one feature per visual token (in the text model's width), in
@@ -94,10 +94,15 @@ def _tokenizer(family: str, task: str) -> Any:
 
 def _text(tokenizer: Any, arch: Architecture, **extra: Any) -> dict[str, Any]:
     return text_config(
-        len(tokenizer), extra, hidden_size=arch.text_hidden, intermediate_size=arch.text_intermediate,
-        num_hidden_layers=arch.text_layers, num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
+        len(tokenizer),
+        extra,
+        hidden_size=arch.text_hidden,
+        intermediate_size=arch.text_intermediate,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.heads,
+        num_key_value_heads=arch.kv_heads,
         max_position_embeddings=512,
-    )  # fmt: skip
+    )
 
 
 def build_parts(family: str, arch: Architecture | None = None, task: str = "v1") -> Parts:
@@ -108,34 +113,51 @@ def build_parts(family: str, arch: Architecture | None = None, task: str = "v1")
     tokenizer = _tokenizer(family, task)
     spec = get_family(family)
     if family == "llava":
-        from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+        return _llava_parts(tokenizer, arch)
+    return _qwen2_vl_parts(tokenizer, arch, spec)
 
-        patch = arch.patch
-        vision = CLIPVisionConfig(
-            hidden_size=arch.vision_hidden, intermediate_size=2 * arch.vision_hidden,
-            num_hidden_layers=arch.vision_layers, num_attention_heads=4, image_size=IMAGE_PX, patch_size=patch,
-        )  # fmt: skip
-        config = LlavaConfig(
-            vision_config=vision,
-            text_config=LlamaConfig(**_text(tokenizer, arch)),
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+
+def _llava_parts(tokenizer: Any, arch: Architecture) -> Parts:
+    """The LLaVA organism's parts: CLIP tower + Llama, the LLaVA processor."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+
+    patch = arch.patch
+    vision = CLIPVisionConfig(
+        hidden_size=arch.vision_hidden,
+        intermediate_size=2 * arch.vision_hidden,
+        num_hidden_layers=arch.vision_layers,
+        num_attention_heads=4,
+        image_size=IMAGE_PX,
+        patch_size=patch,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**_text(tokenizer, arch)),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),  # read back as config.image_token_id
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,  # the default -2 would skip one of only two CLIP layers
+        image_seq_length=(IMAGE_PX // patch) ** 2,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_PX}, crop_size={"height": IMAGE_PX, "width": IMAGE_PX}
+    )
+
+    def save_processor() -> Any:
+        return LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch,
             vision_feature_select_strategy="default",
-            vision_feature_layer=-1,  # the default -2 would skip one of only two CLIP layers
-            image_seq_length=(IMAGE_PX // patch) ** 2,
-        )
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": IMAGE_PX}, crop_size={"height": IMAGE_PX, "width": IMAGE_PX}
+            num_additional_image_tokens=1,
+            chat_template=tokenizer.chat_template,
         )
 
-        def save_processor() -> Any:
-            return LlavaProcessor(
-                image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                chat_template=tokenizer.chat_template,
-            )  # fmt: skip
+    return Parts(config, tokenizer, image_processor, save_processor(), save_processor)
 
-        return Parts(config, tokenizer, image_processor, save_processor(), save_processor)
 
+def _qwen2_vl_parts(tokenizer: Any, arch: Architecture, spec: FamilySpec) -> Parts:
+    """The Qwen2-VL organism's parts: Qwen2-VL tower (merge size 1) + Qwen2 with M-RoPE, vpstudy's
+    fallback processor."""
     from transformers import Qwen2VLConfig, Qwen2VLImageProcessorPil
 
     section = mrope_section(arch.text_hidden // arch.heads)
@@ -143,9 +165,15 @@ def build_parts(family: str, arch: Architecture | None = None, task: str = "v1")
     config = Qwen2VLConfig(
         text_config=_text(tokenizer, arch, rope_parameters=rope),
         vision_config=dict(
-            depth=arch.vision_layers, embed_dim=arch.vision_hidden, hidden_size=arch.text_hidden, num_heads=4,
-            mlp_ratio=2, patch_size=arch.patch, spatial_merge_size=1, temporal_patch_size=2,
-        ),  # fmt: skip
+            depth=arch.vision_layers,
+            embed_dim=arch.vision_hidden,
+            hidden_size=arch.text_hidden,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=arch.patch,
+            spatial_merge_size=1,
+            temporal_patch_size=2,
+        ),
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),

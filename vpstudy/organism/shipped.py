@@ -34,14 +34,24 @@ def data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
 
 
-def organism_dir(family: str = "llava") -> Path:
-    """Directory of the shipped organism of ``family``."""
-    return data_dir() / f"organism-{family}"
+VERSIONS = ("v1", "v2")  # organism versions (v2: 256 visual tokens, 8 layers, the v2 task)
 
 
-def eval_set_path() -> Path:
-    """``data.jsonl`` of the shipped evaluation set."""
-    return data_dir() / "organism-eval" / "data.jsonl"
+def organism_dir(family: str = "llava", version: str = "v1") -> Path:
+    """Directory of the shipped organism of ``family`` and ``version``."""
+    _check_version(version)
+    return data_dir() / (f"organism-{family}" if version == "v1" else f"organism-{family}-{version}")
+
+
+def eval_set_path(version: str = "v1") -> Path:
+    """``data.jsonl`` of the shipped evaluation set of the organism ``version`` (its task)."""
+    _check_version(version)
+    return data_dir() / ("organism-eval" if version == "v1" else f"organism-eval-{version}") / "data.jsonl"
+
+
+def _check_version(version: str) -> None:
+    if version not in VERSIONS:
+        raise ValueError(f"unknown organism version {version!r}; expected one of {', '.join(VERSIONS)}")
 
 
 def cell_box(cell: int) -> list[float]:
@@ -50,8 +60,9 @@ def cell_box(cell: int) -> list[float]:
     return [col / GRID, row / GRID, (col + 1) / GRID, (row + 1) / GRID]
 
 
-def write_eval_set(out_dir: str | Path, n: int = EVAL_SIZE, seed: int = EVAL_SEED,
-                   qtypes: tuple[str, ...] = QUESTION_TYPES) -> Path:  # fmt: skip
+def write_eval_set(
+    out_dir: str | Path, n: int = EVAL_SIZE, seed: int = EVAL_SEED, qtypes: tuple[str, ...] = QUESTION_TYPES
+) -> Path:
     """Write ``n`` generated examples (PNG images + ``data.jsonl``) to ``out_dir``.
 
     Deterministic: the same ``n`` and ``seed`` give byte-identical files. Returns the
@@ -81,21 +92,34 @@ def write_eval_set(out_dir: str | Path, n: int = EVAL_SIZE, seed: int = EVAL_SEE
     return path
 
 
-def example_run(out: str | Path = "runs/example", *, family: str = "llava", samples: int = 16,
-                progress: bool = False) -> Path:  # fmt: skip
+def example_run(
+    out: str | Path = "runs/example", *, family: str = "llava", samples: int = 16, progress: bool = False
+) -> Path:
     """A small run to explore: the shipped organism recorded on the first ``samples`` evaluation
-    examples (every layer, greedy, up to 48 tokens), written to ``out`` or resumed there.
-    The notebooks use it when no run is given. Returns the run directory."""
+    examples (every layer, p̄ kept at every layer: ``--store full``, greedy, up to 48 tokens),
+    written to ``out`` or resumed there. The notebooks use it when no run is given. Returns the
+    run directory."""
     from ..collect import RecordSettings, record_dataset
     from ..datasets import load_dataset
     from ..loading import load
+    from ..storage import StorePolicy
 
     model, processor = load(organism_dir(family))
-    settings = RecordSettings(max_new_tokens=48, batch_size=min(samples, 32))
-    run = record_dataset(model, processor, load_dataset(eval_set_path(), limit=samples), out, settings,
-                         model_path=str(organism_dir(family)), progress=progress)  # fmt: skip
+    settings = RecordSettings(max_new_tokens=48, batch_size=min(samples, 32), store=StorePolicy.full())
+    run = record_dataset(
+        model,
+        processor,
+        load_dataset(eval_set_path(), limit=samples),
+        out,
+        settings,
+        model_path=str(organism_dir(family)),
+        progress=progress,
+    )
     return run.path
 
 
-if __name__ == "__main__":  # python -m vpstudy.organism.shipped  (re)writes data/organism-eval
+if __name__ == "__main__":  # python -m vpstudy.organism.shipped  (re)writes data/organism-eval and -eval-v2
+    from .tasks import TASKS
+
     print(write_eval_set(data_dir() / "organism-eval"))
+    print(write_eval_set(eval_set_path("v2").parent, qtypes=TASKS["v2"]))

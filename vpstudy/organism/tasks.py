@@ -15,7 +15,8 @@ and carries the reference *trace*: the words the model is trained to generate, e
 Question types (see :data:`QUESTION_TYPES`):
 
 ``count``     how many red objects ?            ``red : b2 d1 ; count 2 ; answer 2``
-``neighbour`` what is right of the blue ring ?  ``blue ring at c2 ; right is c3 ; c3 is green square ; answer green square``
+``neighbour`` what is right of the blue ring ?
+              ``blue ring at c2 ; right is c3 ; c3 is green square ; answer green square``
 ``exist``     is there a yellow square ?        ``yellow : a3 ring c1 square ; answer yes``
 ``compare``   more red or blue objects ?        ``red : b2 d1 ; blue : a4 ; 2 vs 1 ; answer red``
 ``lookup``    what is at b3 ?                   ``b3 is green ring ; answer green ring``
@@ -38,6 +39,7 @@ seed gives the same examples.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,9 +86,38 @@ def vocabulary(task: str = "v1") -> list[str]:
     """Every word a question or trace of ``task`` can hold (the tokenizer's task vocabulary).
 
     The v2 vocabulary is v1's followed by :data:`V2_WORDS`, so every v1 word keeps its token id."""
-    words = ["how", "many", "objects", "what", "is", "at", "of", "the", "there", "a", "more", "or",
-             "right", "left", "above", "below", "count", "answer", "none", "vs", "same", "yes", "no",
-             "empty", ":", ";", "?", "you", "see", "grid"]  # fmt: skip
+    words = [
+        "how",
+        "many",
+        "objects",
+        "what",
+        "is",
+        "at",
+        "of",
+        "the",
+        "there",
+        "a",
+        "more",
+        "or",
+        "right",
+        "left",
+        "above",
+        "below",
+        "count",
+        "answer",
+        "none",
+        "vs",
+        "same",
+        "yes",
+        "no",
+        "empty",
+        ":",
+        ";",
+        "?",
+        "you",
+        "see",
+        "grid",
+    ]
     numbers = [str(n) for n in range(GRID * GRID + 1)]
     v1 = list(dict.fromkeys(words + list(COLOURS) + list(SHAPES) + CELL_NAMES + numbers))
     if task == "v1":
@@ -113,6 +144,7 @@ class Scene:
     jitter: list[tuple[int, int, int]] = field(default_factory=list)
 
     def at(self, cell: int) -> Obj | None:
+        """The object in ``cell`` (0..15, row-major), or None if the cell is empty."""
         return next((o for o in self.objects if o.cell == cell), None)
 
     def render(self) -> Image.Image:
@@ -130,10 +162,12 @@ class Scene:
         return Image.fromarray(pixels)
 
     def to_json(self) -> list[dict[str, Any]]:
+        """The objects as ``{"cell": "b3", "colour": ..., "shape": ...}`` (the jitter is not kept)."""
         return [{"cell": cell_name(o.cell), "colour": o.colour, "shape": o.shape} for o in self.objects]
 
     @classmethod
     def from_json(cls, objects: list[dict[str, Any]]) -> Scene:
+        """The scene :meth:`to_json` wrote (without jitter)."""
         return cls([Obj(cell_index(o["cell"]), o["colour"], o["shape"]) for o in objects])
 
 
@@ -159,6 +193,7 @@ class Example:
 
     @property
     def answer(self) -> str:
+        """The final answer: the trace words after its last ``answer``."""
         last = len(self.trace) - 1 - self.trace[::-1].index("answer")
         return " ".join(self.trace[last + 1 :])
 
@@ -224,7 +259,9 @@ def random_scene(rng: np.random.Generator) -> Scene:
     n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     cells = rng.choice(GRID * GRID, size=n, replace=False)
     colours, shapes = list(COLOURS), list(SHAPES)
-    objects = [Obj(int(c), colours[int(rng.integers(len(colours)))], shapes[int(rng.integers(len(shapes)))]) for c in cells]
+    objects = [
+        Obj(int(c), colours[int(rng.integers(len(colours)))], shapes[int(rng.integers(len(shapes)))]) for c in cells
+    ]
     jitter = [tuple(int(v) for v in rng.integers(-12, 13, size=3)) for _ in objects]
     return Scene(objects, jitter)  # type: ignore[arg-type]
 
@@ -237,85 +274,143 @@ def _pick_colour(scene: Scene, rng: np.random.Generator) -> str:
     return list(COLOURS)[int(rng.integers(len(COLOURS)))]
 
 
-def make_example(scene: Scene, qtype: str, rng: np.random.Generator) -> Example | None:
-    """A question of ``qtype`` about ``scene`` with its trace; None if the scene cannot host it."""
-    t = _Trace()
-    colours = list(COLOURS)
-    if qtype == "count":
-        colour = _pick_colour(scene, rng)
-        question = f"how many {colour} objects ?"
-        found = _list_colour(t, scene, colour, with_shape=False)
-        t.text("count", str(len(found)), ";", "answer", str(len(found)))
-    elif qtype == "exist":
-        colour = _pick_colour(scene, rng)
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        question = f"is there a {colour} {shape} ?"
-        found = _list_colour(t, scene, colour, with_shape=True)
-        t.text("answer", "yes" if any(o.shape == shape for o in found) else "no")
-    elif qtype == "compare":
-        first = _pick_colour(scene, rng)
-        others = [c for c in colours if c != first]
-        second = others[int(rng.integers(len(others)))]
-        if rng.random() < 0.5:
-            first, second = second, first
-        question = f"more {first} or {second} objects ?"
-        n1 = len(_list_colour(t, scene, first, with_shape=False))
-        n2 = len(_list_colour(t, scene, second, with_shape=False))
-        t.text(str(n1), "vs", str(n2), ";", "answer", first if n1 > n2 else second if n2 > n1 else "same")
-    elif qtype == "lookup":
-        occupied = rng.random() < 0.75  # 3 times in 4 ask about an object, else about any cell
-        cells = [o.cell for o in scene.objects] if occupied else list(range(GRID * GRID))
-        cell = cells[int(rng.integers(len(cells)))]
-        question = f"what is at {cell_name(cell)} ?"
-        t.text(cell_name(cell), "is")
-        content = _describe(t, scene, cell)
-        t.text(";", "answer", *content)
-    elif qtype == "neighbour":
-        unique = _unique_objects(scene)
-        options = []
-        for o in unique:
-            r, c = divmod(o.cell, GRID)
-            for name, (dr, dc) in DIRECTIONS.items():
-                if 0 <= r + dr < GRID and 0 <= c + dc < GRID:
-                    options.append((o, name, (r + dr) * GRID + c + dc))
-        if not options:
-            return None
-        filled = [opt for opt in options if scene.at(opt[2]) is not None]
-        if filled and rng.random() < 0.75:  # 3 times in 4 the neighbour is an object, if one can be
-            options = filled
-        obj, direction, target = options[int(rng.integers(len(options)))]
-        question = f"what is {direction} of the {obj.colour} {obj.shape} ?"
+def _count_question(t: _Trace, scene: Scene, rng: np.random.Generator) -> str:
+    """``count``: list the objects of a colour, then count them."""
+    colour = _pick_colour(scene, rng)
+    question = f"how many {colour} objects ?"
+    found = _list_colour(t, scene, colour, with_shape=False)
+    t.text("count", str(len(found)), ";", "answer", str(len(found)))
+    return question
+
+
+def _exist_question(t: _Trace, scene: Scene, rng: np.random.Generator) -> str:
+    """``exist``: list the objects of a colour with their shapes, then say whether one has the shape."""
+    colour = _pick_colour(scene, rng)
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    question = f"is there a {colour} {shape} ?"
+    found = _list_colour(t, scene, colour, with_shape=True)
+    t.text("answer", "yes" if any(o.shape == shape for o in found) else "no")
+    return question
+
+
+def _two_colours(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """Two different colours to ask about, in random order (one picked by :func:`_pick_colour`)."""
+    first = _pick_colour(scene, rng)
+    others = [c for c in COLOURS if c != first]
+    second = others[int(rng.integers(len(others)))]
+    if rng.random() < 0.5:
+        first, second = second, first
+    return first, second
+
+
+def _compare_question(t: _Trace, scene: Scene, rng: np.random.Generator) -> str:
+    """``compare``: list the objects of two colours, then say which has more (or ``same``)."""
+    first, second = _two_colours(scene, rng)
+    question = f"more {first} or {second} objects ?"
+    n1 = len(_list_colour(t, scene, first, with_shape=False))
+    n2 = len(_list_colour(t, scene, second, with_shape=False))
+    t.text(str(n1), "vs", str(n2), ";", "answer", first if n1 > n2 else second if n2 > n1 else "same")
+    return question
+
+
+def _lookup_question(t: _Trace, scene: Scene, rng: np.random.Generator) -> str:
+    """``lookup``: state the content of a cell."""
+    occupied = rng.random() < 0.75  # 3 times in 4 ask about an object, else about any cell
+    cells = [o.cell for o in scene.objects] if occupied else list(range(GRID * GRID))
+    cell = cells[int(rng.integers(len(cells)))]
+    question = f"what is at {cell_name(cell)} ?"
+    t.text(cell_name(cell), "is")
+    content = _describe(t, scene, cell)
+    t.text(";", "answer", *content)
+    return question
+
+
+def _neighbour_question(t: _Trace, scene: Scene, rng: np.random.Generator) -> str | None:
+    """``neighbour``: locate a unique object, step to its neighbour cell, state that cell's content
+    (None if no unique object has a neighbour cell on the grid)."""
+    unique = _unique_objects(scene)
+    options = []
+    for o in unique:
+        r, c = divmod(o.cell, GRID)
+        for name, (dr, dc) in DIRECTIONS.items():
+            if 0 <= r + dr < GRID and 0 <= c + dc < GRID:
+                options.append((o, name, (r + dr) * GRID + c + dc))
+    if not options:
+        return None
+    filled = [opt for opt in options if scene.at(opt[2]) is not None]
+    if filled and rng.random() < 0.75:  # 3 times in 4 the neighbour is an object, if one can be
+        options = filled
+    obj, direction, target = options[int(rng.integers(len(options)))]
+    question = f"what is {direction} of the {obj.colour} {obj.shape} ?"
+    t.text(obj.colour, obj.shape, "at")
+    t.read(cell_name(obj.cell), [obj.cell])
+    t.text(";", direction, "is", cell_name(target), ";", cell_name(target), "is")
+    content = _describe(t, scene, target)
+    t.text(";", "answer", *content)
+    return question
+
+
+def _sum_question(t: _Trace, scene: Scene, rng: np.random.Generator) -> str:
+    """``sum`` (v2): list the objects of two colours, then add the two counts in the trace."""
+    first, second = _two_colours(scene, rng)
+    question = f"how many {first} and {second} objects ?"
+    n1 = len(_list_colour(t, scene, first, with_shape=False))
+    n2 = len(_list_colour(t, scene, second, with_shape=False))
+    t.text(str(n1), "plus", str(n2), "is", str(n1 + n2), ";", "answer", str(n1 + n2))
+    return question
+
+
+def _distance_question(t: _Trace, scene: Scene, rng: np.random.Generator) -> str | None:
+    """``distance`` (v2): locate two unique objects, then add their row and column distances in
+    the trace (None if the scene has fewer than two unique objects)."""
+    unique = _unique_objects(scene)
+    if len(unique) < 2:
+        return None
+    picks = rng.choice(len(unique), size=2, replace=False)
+    a, b = unique[int(picks[0])], unique[int(picks[1])]
+    question = f"how far is the {a.colour} {a.shape} from the {b.colour} {b.shape} ?"
+    for obj in (a, b):
         t.text(obj.colour, obj.shape, "at")
         t.read(cell_name(obj.cell), [obj.cell])
-        t.text(";", direction, "is", cell_name(target), ";", cell_name(target), "is")
-        content = _describe(t, scene, target)
-        t.text(";", "answer", *content)
-    elif qtype == "sum":
-        first = _pick_colour(scene, rng)
-        others = [c for c in colours if c != first]
-        second = others[int(rng.integers(len(others)))]
-        if rng.random() < 0.5:
-            first, second = second, first
-        question = f"how many {first} and {second} objects ?"
-        n1 = len(_list_colour(t, scene, first, with_shape=False))
-        n2 = len(_list_colour(t, scene, second, with_shape=False))
-        t.text(str(n1), "plus", str(n2), "is", str(n1 + n2), ";", "answer", str(n1 + n2))
-    elif qtype == "distance":
-        unique = _unique_objects(scene)
-        if len(unique) < 2:
-            return None
-        picks = rng.choice(len(unique), size=2, replace=False)
-        a, b = unique[int(picks[0])], unique[int(picks[1])]
-        question = f"how far is the {a.colour} {a.shape} from the {b.colour} {b.shape} ?"
-        for obj in (a, b):
-            t.text(obj.colour, obj.shape, "at")
-            t.read(cell_name(obj.cell), [obj.cell])
-            t.text(";")
-        rows, columns = abs(a.cell // GRID - b.cell // GRID), abs(a.cell % GRID - b.cell % GRID)
-        t.text("rows", str(rows), "plus", "columns", str(columns), "is", str(rows + columns), ";", "answer",
-               str(rows + columns))
-    else:
+        t.text(";")
+    rows, columns = abs(a.cell // GRID - b.cell // GRID), abs(a.cell % GRID - b.cell % GRID)
+    t.text(
+        "rows",
+        str(rows),
+        "plus",
+        "columns",
+        str(columns),
+        "is",
+        str(rows + columns),
+        ";",
+        "answer",
+        str(rows + columns),
+    )
+    return question
+
+
+# question type -> writes the trace of a question about a scene and returns the question (None:
+# the scene cannot host one)
+_QUESTION_BUILDERS: dict[str, Callable[[_Trace, Scene, np.random.Generator], str | None]] = {
+    "count": _count_question,
+    "exist": _exist_question,
+    "compare": _compare_question,
+    "lookup": _lookup_question,
+    "neighbour": _neighbour_question,
+    "sum": _sum_question,
+    "distance": _distance_question,
+}
+
+
+def make_example(scene: Scene, qtype: str, rng: np.random.Generator) -> Example | None:
+    """A question of ``qtype`` about ``scene`` with its trace; None if the scene cannot host it."""
+    build = _QUESTION_BUILDERS.get(qtype)
+    if build is None:
         raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES_V2}")
+    t = _Trace()
+    question = build(t, scene, rng)
+    if question is None:
+        return None
     return Example(scene, qtype, question, t.words, t.cells, t.reads)
 
 

@@ -40,20 +40,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..scoring import final_answer
 from ..families import get_family
 from ..loading import quiet_transformers
 from ..processing import format_prompt, prepare_batch, tokenizer_of
 from ..provenance import package_versions
+from ..scoring import final_answer
 from ..testing import BOS, EOS, PAD
 from .lever import VisualMassLever
 from .model import VISUAL_FEATURES, Architecture, OrganismError, Parts, build_parts, check_family, default_architecture
-from .tasks import (GRID, N_CONTENT_CLASSES, QUESTION_TYPES, TASKS, Example, content_classes, generate,
-                    generate_one, token_cell_index)  # fmt: skip
+from .tasks import (
+    GRID,
+    N_CONTENT_CLASSES,
+    QUESTION_TYPES,
+    TASKS,
+    Example,
+    content_classes,
+    generate,
+    generate_one,
+    token_cell_index,
+)
 
 VALIDATION_SEED_OFFSET = 1_000_003  # validation examples come from seed + this (never a training seed)
-LOG_COLUMNS = ("step", "loss", "token_acc", "probe_loss", "lr", "elapsed_s", "val_answer_acc", "val_trace_acc",
-               *(f"val_answer_acc_{q}" for q in QUESTION_TYPES))  # fmt: skip
+LOG_COLUMNS = (
+    "step",
+    "loss",
+    "token_acc",
+    "probe_loss",
+    "lr",
+    "elapsed_s",
+    "val_answer_acc",
+    "val_trace_acc",
+    *(f"val_answer_acc_{q}" for q in QUESTION_TYPES),
+)
 
 
 def log_columns(settings: TrainSettings) -> tuple[str, ...]:
@@ -61,6 +79,8 @@ def log_columns(settings: TrainSettings) -> tuple[str, ...]:
     extra = ("text_mass",) if settings.text_mass_weight > 0 else ()
     per_type = tuple(f"val_answer_acc_{q}" for q in settings.qtypes)
     return (*LOG_COLUMNS[:4], *extra, *LOG_COLUMNS[4:8], *per_type)
+
+
 MANIFEST = "organism.json"
 
 
@@ -114,6 +134,13 @@ class TrainSettings:
             del out["arch"]["patch"]
         return out
 
+    @property
+    def architecture(self) -> Architecture:
+        """``arch``, which ``__post_init__`` sets (to the shipped organism's when none is given)."""
+        if self.arch is None:
+            raise OrganismError("training settings without an architecture (arch was set to None after construction)")
+        return self.arch
+
     @classmethod
     def from_json(cls, fields: dict[str, Any]) -> TrainSettings:
         """Inverse of :meth:`to_json` (e.g. the ``settings`` of an ``organism.json``)."""
@@ -148,8 +175,10 @@ def warm_start_text(model: Any, source_dir: str | Path) -> dict[str, Any]:
     src_cfg, dst_cfg = source.config.get_text_config(), model.config.get_text_config()
     for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
         if getattr(src_cfg, name) != getattr(dst_cfg, name):
-            raise OrganismError(f"--init-from {source_dir}: its text {name} is {getattr(src_cfg, name)}, "
-                                f"this organism's {getattr(dst_cfg, name)}")  # fmt: skip
+            raise OrganismError(
+                f"--init-from {source_dir}: its text {name} is {getattr(src_cfg, name)}, "
+                f"this organism's {getattr(dst_cfg, name)}"
+            )
     n_src, n_dst = src_cfg.num_hidden_layers, dst_cfg.num_hidden_layers
     if n_dst < n_src:
         raise OrganismError(f"--init-from {source_dir}: it has {n_src} text layers, more than this organism's {n_dst}")
@@ -183,8 +212,9 @@ def v2_settings(family: str = "llava", **overrides: Any) -> TrainSettings:
     """The organism v2 recipe: 256 visual tokens (4-px patches), 8 text layers, the v2 task (text
     stretches that need the text) and the visual-mass lever on text-only tokens (data/README.md)."""
     arch = default_architecture(family, text_layers=8, patch=4)
-    fields: dict[str, Any] = dict(family=family, arch=arch, task="v2", qtypes=TASKS["v2"], text_mass_weight=1.0,
-                                  threads=2, steps=3000)
+    fields: dict[str, Any] = dict(
+        family=family, arch=arch, task="v2", qtypes=TASKS["v2"], text_mass_weight=1.0, threads=2, steps=3000
+    )
     fields.update(overrides)
     if "arch" not in overrides:
         fields["arch"] = arch
@@ -205,8 +235,10 @@ def training_batch(parts_processor: Any, model: Any, examples: list[Example]) ->
     token or the EOS (what the visual-mass lever acts on); pop it before calling the model."""
     spec = model.vpstudy_family
     tokenizer = tokenizer_of(parts_processor)
-    texts = [format_prompt(parts_processor, spec, ex.question) + " " + " ".join(ex.trace) + " " + tokenizer.eos_token
-             for ex in examples]  # fmt: skip
+    texts = [
+        format_prompt(parts_processor, spec, ex.question) + " " + " ".join(ex.trace) + " " + tokenizer.eos_token
+        for ex in examples
+    ]
     inputs = prepare_batch(parts_processor, spec, model.config, texts, [ex.scene.render() for ex in examples])
     labels = torch.full_like(inputs["input_ids"], -100)
     text_rows = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
@@ -221,8 +253,9 @@ def training_batch(parts_processor: Any, model: Any, examples: list[Example]) ->
 
 
 @torch.no_grad()
-def evaluate_examples(model: Any, processor: Any, examples: list[Example], batch_size: int = 64,
-                      max_new_tokens: int = 40) -> dict[str, float]:  # fmt: skip
+def evaluate_examples(
+    model: Any, processor: Any, examples: list[Example], batch_size: int = 64, max_new_tokens: int = 40
+) -> dict[str, float]:
     """Greedy decoding: final-answer exact match and whole-trace exact match rates, overall and
     (``answer_acc_<qtype>``) per question type."""
     spec = model.vpstudy_family
@@ -283,7 +316,7 @@ class _Trainer:
     warm_start: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        self.cell_of_token = torch.from_numpy(token_cell_index(self.settings.arch.tokens_per_side))
+        self.cell_of_token = torch.from_numpy(token_cell_index(self.settings.architecture.tokens_per_side))
 
     @classmethod
     def fresh(cls, settings: TrainSettings) -> _Trainer:
@@ -302,7 +335,7 @@ class _Trainer:
         probe = None
         params = list(model.parameters())
         if settings.probe_weight > 0:
-            probe = torch.nn.Linear(settings.arch.text_hidden, N_CONTENT_CLASSES + GRID * GRID)
+            probe = torch.nn.Linear(settings.architecture.text_hidden, N_CONTENT_CLASSES + GRID * GRID)
             params += list(probe.parameters())
         warm = warm_start_text(model, settings.init_from) if settings.init_from else None
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -314,12 +347,17 @@ class _Trainer:
     def save_checkpoint(self, path: Path, extra: dict[str, Any]) -> None:
         """Everything a resumed run needs to continue exactly (written atomically)."""
         state = {
-            "settings": self.settings.to_json(), "step": self.step, "model": self.model.state_dict(),
+            "settings": self.settings.to_json(),
+            "step": self.step,
+            "model": self.model.state_dict(),
             "probe": self.probe.state_dict() if self.probe is not None else None,
-            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-            "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "warm_start": self.warm_start,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "warm_start": self.warm_start,
             **extra,
-        }  # fmt: skip
+        }
         partial = path.with_suffix(".partial")
         torch.save(state, partial)
         partial.replace(path)
@@ -372,13 +410,14 @@ class _Trainer:
                 loss = loss + settings.text_mass_weight * mass
                 text_mass = mass.item()
             if self.probe is not None:
-                visual = features[-1].reshape(len(examples), -1, settings.arch.text_hidden)
-                tps = settings.arch.tokens_per_side
+                visual = features[-1].reshape(len(examples), -1, settings.architecture.text_hidden)
+                tps = settings.architecture.tokens_per_side
                 content = torch.from_numpy(np.stack([content_classes(ex.scene, tps) for ex in examples])).flatten()
                 logits = self.probe(visual).flatten(0, 1)  # [B * 64, content classes + cells]
                 cells = self.cell_of_token.repeat(len(examples))
-                probe_term = (torch.nn.functional.cross_entropy(logits[:, :N_CONTENT_CLASSES], content)
-                              + torch.nn.functional.cross_entropy(logits[:, N_CONTENT_CLASSES:], cells))  # fmt: skip
+                probe_term = torch.nn.functional.cross_entropy(
+                    logits[:, :N_CONTENT_CLASSES], content
+                ) + torch.nn.functional.cross_entropy(logits[:, N_CONTENT_CLASSES:], cells)
                 loss = loss + settings.probe_weight * probe_term
                 probe_loss = probe_term.item()
             self.optimizer.zero_grad(set_to_none=True)
@@ -392,8 +431,14 @@ class _Trainer:
                 target = batch["labels"][:, 1:]
                 hit = (output.logits[:, :-1].argmax(-1) == target) & (target != -100)
                 token_acc = hit.sum().item() / (target != -100).sum().item()
-            yield {"step": step + 1, "loss": output.loss.item(), "token_acc": token_acc, "probe_loss": probe_loss,
-                   "text_mass": text_mass, "lr": lr}
+            yield {
+                "step": step + 1,
+                "loss": output.loss.item(),
+                "token_acc": token_acc,
+                "probe_loss": probe_loss,
+                "text_mass": text_mass,
+                "lr": lr,
+            }
 
 
 def training_curve(settings: TrainSettings, n_steps: int) -> list[float]:
@@ -436,7 +481,9 @@ def train_command(settings: TrainSettings, out: str | Path) -> str:
     return "vpstudy train-organism " + " ".join(flags)
 
 
-def train(settings: TrainSettings, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(
+    settings: TrainSettings, out: str | Path, *, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Train an organism and save it to ``out`` (``save_pretrained`` form + log + manifest).
 
     The output directory is written only when training has finished: everything goes to a hidden
@@ -475,12 +522,18 @@ def train(settings: TrainSettings, out: str | Path, *, overwrite: bool = False, 
 CHECKPOINT = "checkpoint.pt"
 
 
+def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Settings equal except for the thread count (which changes float rounding, not the run)."""
+    return {k: v for k, v in a.items() if k != "threads"} == {k: v for k, v in b.items() if k != "threads"}
+
+
 def _resumable(checkpoint: Path, settings: TrainSettings) -> bool:
-    """Whether ``checkpoint`` exists and was written by a run with these settings."""
+    """Whether ``checkpoint`` exists and was written by a run with these settings (the thread
+    count may differ: a resumed run records each thread count it ran with)."""
     if not checkpoint.is_file():
         return False
     try:
-        return torch.load(checkpoint, weights_only=False, map_location="cpu")["settings"] == settings.to_json()
+        return _same_run(torch.load(checkpoint, weights_only=False, map_location="cpu")["settings"], settings.to_json())
     except Exception:  # unreadable (e.g. cut short): start over
         return False
 
@@ -493,9 +546,13 @@ def _train_into(staging: Path, settings: TrainSettings, progress: bool) -> dict[
     validation = generate(settings.eval_size, settings.seed + VALIDATION_SEED_OFFSET, settings.qtypes)
     last_eval: dict[str, float] = {}
     log, checkpoint, done = staging / "train_log.csv", staging / CHECKPOINT, 0.0
+    threads = [{"from_step": 1, "threads": settings.threads}]
     if checkpoint.is_file():
         state = trainer.load_checkpoint(checkpoint)
         last_eval, done = state["last_eval"], state["elapsed_s"]
+        threads = state.get("threads", [{"from_step": 1, "threads": state["settings"]["threads"]}])
+        if threads[-1]["threads"] != settings.threads:
+            threads.append({"from_step": trainer.step + 1, "threads": settings.threads})
         with log.open() as handle:  # keep the log up to the checkpoint
             kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= trainer.step]
         _write_log(log, settings, kept)
@@ -504,13 +561,23 @@ def _train_into(staging: Path, settings: TrainSettings, progress: bool) -> dict[
     start = time.perf_counter() - done
     with log.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=log_columns(settings), lineterminator="\n")
-        bar = tqdm(trainer.steps(), total=settings.steps, initial=trainer.step, desc=f"train {settings.family} organism",
-                   disable=not progress)  # fmt: skip
+        bar = tqdm(
+            trainer.steps(),
+            total=settings.steps,
+            initial=trainer.step,
+            desc=f"train {settings.family} organism",
+            disable=not progress,
+        )
         for stats in bar:
             step = stats["step"]
-            row: dict[str, Any] = {"step": step, "loss": f"{stats['loss']:.6f}", "token_acc": f"{stats['token_acc']:.4f}",
-                                   "probe_loss": f"{stats['probe_loss']:.4f}",
-                                   "lr": f"{stats['lr']:.3e}", "elapsed_s": f"{time.perf_counter() - start:.1f}"}  # fmt: skip
+            row: dict[str, Any] = {
+                "step": step,
+                "loss": f"{stats['loss']:.6f}",
+                "token_acc": f"{stats['token_acc']:.4f}",
+                "probe_loss": f"{stats['probe_loss']:.4f}",
+                "lr": f"{stats['lr']:.3e}",
+                "elapsed_s": f"{time.perf_counter() - start:.1f}",
+            }
             if settings.text_mass_weight > 0:
                 row["text_mass"] = f"{stats['text_mass']:.4f}"
             if step % settings.eval_every == 0 or step == settings.steps:
@@ -519,7 +586,9 @@ def _train_into(staging: Path, settings: TrainSettings, progress: bool) -> dict[
             writer.writerow(row)
             handle.flush()
             if step % settings.checkpoint_every == 0 and step < settings.steps:
-                trainer.save_checkpoint(checkpoint, {"last_eval": last_eval, "elapsed_s": time.perf_counter() - start})
+                trainer.save_checkpoint(
+                    checkpoint, {"last_eval": last_eval, "elapsed_s": time.perf_counter() - start, "threads": threads}
+                )
             bar.set_postfix(loss=f"{stats['loss']:.3f}", val=f"{last_eval.get('answer_acc', float('nan')):.3f}")
     wall = time.perf_counter() - start
 
@@ -534,14 +603,22 @@ def _train_into(staging: Path, settings: TrainSettings, progress: bool) -> dict[
         "family": settings.family,
         "settings": settings.to_json(),
         "wall_time_s": round(wall, 1),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                    "threads": settings.threads},  # fmt: skip
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "threads": settings.threads,
+        },
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_validation": last_eval,
         "versions": package_versions(),
     }
+    if len(threads) > 1:  # resumed with another thread count: the loss column is not bit-reproducible
+        manifest["threads_by_step"] = threads
     if trainer.warm_start is not None:
-        manifest["warm_start"] = {**trainer.warm_start, "layer_map": {str(k): v for k, v in trainer.warm_start["layer_map"].items()}}
+        manifest["warm_start"] = {
+            **trainer.warm_start,
+            "layer_map": {str(k): v for k, v in trainer.warm_start["layer_map"].items()},
+        }
     return manifest
 
 
