@@ -8,7 +8,7 @@ TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo to
 
 .PHONY: demo test bench-recording clean-venv
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" -e ".[test]"
@@ -18,6 +18,8 @@ demo: $(STAMP)
 	$(VENV)/bin/vpstudy demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check vpstudy kernels
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 bench-recording: $(STAMP)

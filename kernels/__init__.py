@@ -41,7 +41,8 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim
     except ImportError as e:
         return f"triton is not installed ({e})"
     if device.type != "cuda" and not interpreting():
-        return f"the Triton kernels need a CUDA device (got {device.type}; TRITON_INTERPRET=1 runs them in the interpreter)"
+        return (f"the Triton kernels need a CUDA device (got {device.type}; "
+                "TRITON_INTERPRET=1 runs them in the interpreter)")
     if dtype not in DTYPES:
         return f"the Triton kernels take float16, bfloat16 or float32 (got {dtype})"
     if not HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1]:

@@ -19,15 +19,15 @@ Reference: :func:`vpstudy.backends.reference.anchor_select`.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
-import torch
 
+from vpstudy.backends.layout import AnchorSelection, KeptSet, KeyLayout, LayoutError, check_decode_inputs
+from vpstudy.backends.reference import SCORES
 from vpstudy.rules import BudgetRule, parse_signal
 
 from . import BLOCK_H, pow2_at_least
-from vpstudy.backends.layout import AnchorSelection, KeptSet, KeyLayout, LayoutError, check_decode_inputs
-from vpstudy.backends.reference import SCORES
 
 BLOCK_N = 64  # keys per program of the first pass
 BLOCK_C = 64  # key blocks merged per iteration of the second pass
@@ -218,8 +218,8 @@ def anchor_select(query: torch.Tensor, key: torch.Tensor, layout: KeyLayout, rul
     _anchor_partials[(batch * kv_heads, n_blocks)](
         query, key, layout.start, layout.end, layout.visual_start, layout.visual_len, logits, stats,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2), float(scale), 1.0 / tau,
-        width, n_blocks, H_KV=kv_heads, G=group, G_PAD=pow2_at_least(group, BLOCK_H), D=dim, D_PAD=pow2_at_least(dim, 16),
-        BLOCK=BLOCK_N, PRECISION=precision)  # fmt: skip
+        width, n_blocks, H_KV=kv_heads, G=group, G_PAD=pow2_at_least(group, BLOCK_H), D=dim,
+        D_PAD=pow2_at_least(dim, 16), BLOCK=BLOCK_N, PRECISION=precision)  # fmt: skip
     _anchor_select[(batch,)](
         stats, logits, layout.visual_len, mass, head_tau, signal, scores, keys, kept, count, n_blocks, width,
         float(rule.intercept), float(rule.slope), float(rule.b_min), float(rule.b_max), H=heads,

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 
+import torch
 import triton
 import triton.language as tl
-import torch
+
+from vpstudy.backends.layout import KeptSet, KeyLayout, LayoutError, check_decode_inputs
 
 from . import BLOCK_H, interpreting, pow2_at_least
-from vpstudy.backends.layout import KeptSet, KeyLayout, LayoutError, check_decode_inputs
 
 BLOCK_N = 64  # keys per iteration
 LOG2E = 1.4426950408889634
@@ -104,7 +105,8 @@ def _combine(part_ptr, part_lse_ptr, out_ptr, lse_ptr, stride_ob, stride_oh, n_s
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m_safe)
     total = tl.sum(w, 0)
-    part = tl.load(part_ptr + (pid * n_splits + offs_s)[:, None] * D_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    part = tl.load(part_ptr + (pid * n_splits + offs_s)[:, None] * D_PAD + offs_d[None, :],
+                   mask=s_ok[:, None], other=0.0)
     out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
     tl.store(lse_ptr + pid, tl.where(total > 0, m_safe + tl.log(total), float("-inf")))

@@ -23,6 +23,8 @@ from vpstudy.annotations import region_tokens, step_annotations
 from vpstudy.cli import main
 from vpstudy.datasets import load_dataset
 from vpstudy.organism.audit import audit_run
+from vpstudy.report import findings, headline_lines
+from vpstudy.stats import registry
 
 FAST = stats.AnalysisSettings(n_boot=200, n_perm=200)
 
@@ -38,12 +40,65 @@ def test_analyze_writes_stats_json_and_tidy_tables(analyzed):
     run_dir, result = analyzed
     folder = run_dir / "analysis"
     names = {"correlations", "never_activated", "step_dependence", "step_dependence_curve", "layer_similarity",
-             "mass_contrast", "localization"}  # fmt: skip
+             "mass_contrast", "localization", "relevant_shift", "relevant_shift_curve"}  # fmt: skip
+    # attribution_agreement needs `vpstudy attribute` first (tests/test_attribution.py)
     assert {p.stem for p in folder.glob("*.csv")} == names
     assert json.loads((folder / "stats.json").read_text()) == result
     assert result["analysis_layer"] == 3 and result["skipped"] == []  # the anchor depth of 6 layers
     corr = pd.read_csv(folder / "correlations.csv")
     assert len(corr) == 6 * 6 and set(corr["delta"]) == {"0.0005", "0.001", "0.0015", "0.002", "1/Nv", "2/Nv"}
+
+
+def test_every_statistic_reads_back_what_analyze_wrote(analyzed):
+    run_dir, result = analyzed
+    folder = run_dir / "analysis"
+    # every statistic the run supports (all but attribution_agreement), in registry order
+    assert list(result["tables"]) == [s.name for s in stats.statistics() if s.name != "attribution_agreement"]
+    for statistic in stats.statistics():
+        if statistic.name not in result["tables"]:
+            continue
+        table = statistic.read(folder)
+        expected = pd.DataFrame(result["tables"][statistic.name])
+        if statistic.index is not None:
+            expected = expected.set_index(statistic.index)
+        expected = expected.astype(table.dtypes.to_dict())
+        pd.testing.assert_frame_equal(table, expected, check_exact=False, rtol=1e-12)
+        assert all(isinstance(v, str) for c in statistic.labels if c in table for v in table[c]), statistic.name
+    deltas = stats.get_statistic("never_activated").read(folder)["delta"]
+    assert list(dict.fromkeys(deltas))[:2] == ["0.0005", "0.001"]  # labels, not the numbers 0.0005 and 0.001
+    assert registry.get_statistic("correlations").read(tmp := folder.parent / "nowhere") is None and not tmp.exists()
+    with pytest.raises(stats.AnalysisError, match=r"no statistic 'nope' \(known: correlations, never_activated"):
+        stats.get_statistic("nope")
+
+
+def test_a_registered_statistic_is_computed_written_and_reported(organism_run, tmp_path, monkeypatch):
+    """Adding a statistic is its table function plus one registry entry: analyze computes and
+    writes it, stats.json holds its table and headline, the report says its lines."""
+
+    def peak_mass(context):  # the new table: largest visual mass per layer
+        return context.run.steps.groupby("layer", as_index=False)["mass"].max()
+
+    entry = registry.Statistic(
+        "peak_mass", peak_mass, headline=lambda table, layer: registry.at_layer(table, layer, "peak_mass"),
+        lines=lambda h: [f"peak mass {row['mass']:.4f} at layer {row['layer']}" for row in h.get("peak_mass", [])],
+        findings=lambda h: [f"No step puts more than {row['mass']:.2f} of its attention on the image."
+                            for row in h.get("peak_mass", [])],
+    )  # fmt: skip
+    absent = registry.Statistic("needs_what_this_run_lacks", peak_mass, when=lambda context: False)
+    monkeypatch.setattr(registry, "STATISTICS", (*registry.STATISTICS, entry, absent))
+    run_dir = tmp_path / "run"
+    shutil.copytree(organism_run, run_dir)
+    result = analyze(run_dir, settings=stats.AnalysisSettings(n_boot=20, n_perm=20), progress=False)
+    steps = pd.read_parquet(run_dir / "steps.parquet")
+    peak = steps[steps["layer"] == 3]["mass"].max()
+    written = pd.read_csv(run_dir / "analysis" / "peak_mass.csv")
+    assert "needs_what_this_run_lacks" not in result["tables"]
+    assert not (run_dir / "analysis" / "needs_what_this_run_lacks.csv").exists()
+    np.testing.assert_allclose(written.set_index("layer")["mass"], steps.groupby("layer")["mass"].max())
+    assert result["headline"]["peak_mass"] == [{"layer": 3, "mass": pytest.approx(peak)}]
+    assert json.loads((run_dir / "analysis" / "stats.json").read_text())["tables"]["peak_mass"][3]["layer"] == 3
+    assert f"peak mass {peak:.4f} at layer 3" in headline_lines(result)
+    assert f"No step puts more than {peak:.2f} of its attention on the image." in findings(result)
 
 
 def test_correlations_are_recomputable_from_steps_parquet_with_pandas(analyzed):
@@ -174,7 +229,7 @@ def test_bad_input_is_one_line_and_leaves_the_run_intact(case, args, message, or
             for part in (run_dir / folder).glob("*"):
                 part.unlink()
     elif case == "nan mass":
-        _rewrite_steps(run_dir, lambda t: t.assign(mass=np.where((t["step"] == 0) & (t["layer"] == 0), np.nan, t["mass"])))
+        _rewrite_steps(run_dir, lambda t: t.assign(mass=t["mass"].mask((t["step"] == 0) & (t["layer"] == 0))))
     elif case == "nan scores":
         run = vpstudy.open_run(run_dir)
         key = run.path / "arrays" / vpstudy.runs.sample_key("organism-0000") / "scores.npy"

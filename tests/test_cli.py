@@ -42,13 +42,16 @@ def test_record_writes_the_run_store(recorded):
     assert list(run.samples["sample_id"]) == [f"tiny-{i:04d}" for i in range(4)]
     steps = pd.read_parquet(recorded / "steps.parquet")  # pandas alone reads the store
     assert len(steps) == len(run.steps) == int(run.samples["steps"].sum()) * 2
+    # the default store policy (analysis): p̄ per step at the analysis layer (1 of 0, 1) only
+    assert run.manifest["store"] == {"policy": "analysis", "score_layers": [1]} and run.score_layers == [1]
     for _, sample in run.samples.iterrows():
         scores = run.scores(sample.sample_id)
-        assert scores.shape == (sample.steps, 2, sample.n_visual) and scores.dtype == np.float16
-        rows = run.steps[run.steps.sample_id == sample.sample_id].sort_values(["step", "layer"])
+        assert scores.shape == (sample.steps, 1, sample.n_visual) and scores.dtype == np.float16
+        rows = run.steps[(run.steps.sample_id == sample.sample_id) & (run.steps.layer == 1)].sort_values("step")
         np.testing.assert_allclose(rows["mass"].to_numpy(), scores.astype(np.float32).sum(-1).reshape(-1), atol=2e-3)
-        max_scores = run.arrays(sample.sample_id)["max_scores"]
-        np.testing.assert_allclose(max_scores, scores.astype(np.float32).max(0), atol=1e-3)
+        max_scores = run.arrays(sample.sample_id)["max_scores"]  # every recorded layer
+        assert max_scores.shape == (2, sample.n_visual)
+        np.testing.assert_allclose(max_scores[1:], scores.astype(np.float32).max(0), atol=1e-3)
         assert int(np.prod(sample.grid_shape)) == sample.n_visual
     assert {"active@0.0005", "active@2/Nv", "max_head_mass", "token_text"} <= set(steps.columns)
 
@@ -105,30 +108,39 @@ def _bad_image_data(tmp_path: Path, kind: str) -> Path:
     [
         ("missing image", r"data.jsonl:line 2: image 'images/gone.png' not found"),
         ("unreadable image", r"data.jsonl:line 2: image 'images/broken.png' cannot be read as an image"),
-        ("placeholder in question", r"prompt 0 holds 2 image placeholders '<\|image_pad\|>' for its one image"),
+        ("placeholder in question",
+         r"data.jsonl:line 2: the prompt holds 2 image placeholders '<\|image_pad\|>' for its one image \(the question"),
         ("layers out of range", r"layers \[7\] out of range: the text model has 2 layers"),
         ("other settings", r"existing run was recorded with different generation"),
         ("other schema", r"manifest.json: schema version 99, this vpstudy writes 1; use a new --out directory"),
         ("unsupported family", r"model_type 'bert' is not a supported family"),
+        ("another dataset", r"run: this run was recorded from dataset .*/data.jsonl \(6 records, sha256 "
+                            r"[0-9a-f]{12}\), not .*/other/data.jsonl \(3 records, sha256 [0-9a-f]{12}\); pass"),
     ],
 )
-def test_bad_input_is_one_line_and_leaves_the_run_intact(case, message, recorded, tmp_path, tiny_dirs, tiny_data, capsys):
+def test_bad_input_is_one_line_and_leaves_the_run_intact(case, message, recorded, tmp_path, tiny_dirs, tiny_data,
+                                                         capsys):  # fmt: skip
     model, data, extra, max_new_tokens = tiny_dirs["qwen2_vl"], tiny_data, [], "6"
-    if case == "missing image":
-        data = _bad_image_data(tmp_path, "missing")
-    elif case == "unreadable image":
-        data = _bad_image_data(tmp_path, "unreadable")
-    elif case == "placeholder in question":
-        data = make_tiny_dataset(tmp_path / "placeholder", n=1)
-        record = {**json.loads(data.read_text()), "id": "placeholder-1", "question": "what is <|image_pad|> here"}
-        data.write_text(json.dumps(record) + "\n")
-    elif case == "layers out of range":
+    if case in ("missing image", "unreadable image", "placeholder in question"):
+        # a run of the bad dataset's good first example, then a rerun that reaches the bad second one
+        if case == "placeholder in question":
+            data = make_tiny_dataset(tmp_path / "placeholder", n=2)
+            lines = data.read_text().splitlines()
+            lines[1] = json.dumps({**json.loads(lines[1]), "question": "what is <|image_pad|> here"})
+            data.write_text("\n".join(lines) + "\n")
+        else:
+            data = _bad_image_data(tmp_path, case.split()[0])
+        recorded = tmp_path / "bad-data-run"
+        assert _record(model, data, recorded, "--limit", "1") == 0
+    if case == "layers out of range":
         extra = ["--layers", "0,7"]
     elif case == "other settings":
         max_new_tokens = "9"
     elif case == "other schema":
         manifest = json.loads((recorded / "manifest.json").read_text())
         (recorded / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    elif case == "another dataset":  # other images and answers under the same ids
+        data = make_tiny_dataset(tmp_path / "other", n=3, seed=5)
     elif case == "unsupported family":
         model = tmp_path / "bert"
         model.mkdir()
@@ -143,29 +155,41 @@ def test_bad_input_is_one_line_and_leaves_the_run_intact(case, message, recorded
 
 
 def test_demo_records_analyzes_fits_draws_and_reports(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--samples", "12", "--n-boot", "100", "--n-perm", "100"]) == 0
+    out = tmp_path / "demo"  # on organism v1 (64 visual tokens, 6 layers): the pipeline, not the findings
+    argv = ["demo", "--organism", "v1", "--out", str(out), "--samples", "12", "--n-boot", "100", "--n-perm", "100"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "12 samples" in printed and f"report: {out / 'report.md'}" in printed
     run = vpstudy.open_run(out / "run")
     assert len(run.samples) == 12 and (out / "run" / "analysis" / "stats.json").is_file()
     rule = BudgetRule.load(out / "budget_rule.json")
-    assert rule.layer == 3 and rule.fit["delta"] == "1/Nv" and rule.fit["run"] == str(out / "run")
+    choice = rule.fit["anchor_choice"]
+    assert rule.layer == choice["chosen"] and rule.fit["delta"] == "1/Nv" and rule.fit["run"] == str(out / "run")
+    best = max(choice["coverage"].values())
+    assert choice["chosen"] == min(int(a) for a, v in choice["coverage"].items() if v == best)
     report = (out / "report.md").read_text()
     for name in ("mass_over_steps", "mass_vs_active", "never_activated", "budget_dynamics", "layer_similarity",
-                 "accuracy_vs_retention"):  # fmt: skip
+                 "accuracy_vs_retention", "relevant_shift", "attribution_agreement"):  # fmt: skip
         assert (out / "figures" / f"{name}.png").is_file() and (out / "figures" / f"{name}.pdf").is_file()
         assert f"![{name}](figures/{name}.png)" in report
     assert "latency skipped" in report  # its input (GPU benchmark results) comes with the GPU issue
-    # every method ran on the same 12 samples; the table is in the report
+    # every registered method ran at 5% and 10% on the same 12 samples, anchored at the rule's layer
     table = pd.read_csv(out / "compare" / "comparison.csv")
     assert table["method"].iloc[0] == "dense" and (table["samples"] == 12).all()
-    # the 11 standard rows, plus VisionPulse and its static control at the best-localizing layer
-    # when that is not the default anchor
-    assert len(table) in (11, 13) and "visionpulse-fitted" in set(table["method"])
+    from vpstudy.pruning.registry import METHODS, comparison_entries
+
+    expected = {e.label for e in comparison_entries(6, fitted_rule=True)}
+    assert expected <= set(table["method"]) and {e.method.split("+")[-1] for e in comparison_entries(6)} >= set(METHODS)
     assert "## Pruning on the same samples" in report and "| visionpulse-5 |" in report
+    # the ablation section and its table
+    ablation = pd.read_csv(out / "ablation" / "ablation.csv")
+    assert list(ablation["method"]) == ["dense", "visionpulse-5", "visionpulse-10", "visionpulse-fitted",
+                                        "topk-fitted-mean", "random-fitted-mean", "static_topk-fitted-mean",
+                                        "fastv-fitted-mean"]  # fmt: skip
+    assert "## The paper's budget ablation" in report and "At equal mean budget" in report
     # the report's correlation is recomputable from steps.parquet with pandas alone
     steps = pd.read_parquet(out / "run" / "steps.parquet")
-    d = steps[steps["layer"] == 3]
+    layer = json.loads((out / "run" / "analysis" / "stats.json").read_text())["analysis_layer"]
+    d = steps[steps["layer"] == layer]
     assert f"δ=1/Nv: Pearson r {d['mass'].corr(d['active@1/Nv']):.3f} [" in report
     assert f"mean visual mass {steps['mass'].mean():.3f}" in printed  # the summary line (all layers)

@@ -303,3 +303,147 @@ def test_merge_runs(tmp_path: Path) -> None:
     RunWriter(other_model, {**MANIFEST, "model": "other", "shard": 3})
     with pytest.raises(RunStoreError, match="manifest differs .* in model$"):
         merge_runs(tmp_path / "merged3", [shards[0], other_model])
+
+
+# --- the commit sequence under kill -9 ----------------------------------------------------------
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np, pandas as pd
+    import vpstudy.runs as runs
+
+    path, kill_at, mid_write = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    events = [0]
+    rename, write_table = runs._rename, runs._write_table
+
+    def event(write_partial=None):
+        events[0] += 1
+        if events[0] == kill_at:
+            if write_partial is not None:
+                write_partial()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def killing_rename(src, dst):
+        event()
+        rename(src, dst)
+
+    def killing_write(table, file):
+        def half():
+            write_table(table, file)
+            data = open(file, "rb").read()
+            open(file, "wb").write(data[: len(data) // 2])
+        event(half if mid_write else None)
+        write_table(table, file)
+
+    runs._rename, runs._write_table = killing_rename, killing_write
+    writer = runs.RunWriter(path, {"model": "m"})
+    sid = "s1"
+    steps = pd.DataFrame({"sample_id": sid, "step": np.arange(4), "layer": 0, "v": np.arange(4.0)})
+    writer.write_sample({"sample_id": sid, "i": 1}, steps, {"scores": np.full((4, 1, 8), 1, np.float16)})
+    """
+)
+
+
+def kill_sample(i: int):
+    steps = pd.DataFrame({"sample_id": f"s{i}", "step": np.arange(4), "layer": 0, "v": np.arange(4.0)})
+    return {"sample_id": f"s{i}", "i": i}, steps, {"scores": np.full((4, 1, 8), i, np.float16)}
+
+
+# the events of one commit, in order: 1 rename arrays dir, 2 write steps, 3 rename steps to pending,
+# 4 write samples, 5 rename samples into place (the commit), 6 rename pending steps into place;
+# 7 is past the end (the sample is committed and nothing is killed)
+KILL_POINTS = [(k, False) for k in range(1, 8)] + [(2, True), (4, True)]
+
+
+@pytest.mark.parametrize(("kill_at", "mid_write"), KILL_POINTS)
+def test_kill_at_each_point_of_the_commit_leaves_nothing_pandas_would_misread(tmp_path: Path, kill_at: int,
+                                                                              mid_write: bool) -> None:  # fmt: skip
+    path = tmp_path / "run"
+    with RunWriter(path, {"model": "m"}) as writer:
+        writer.write_sample(*kill_sample(0))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(path), str(kill_at), "1" if mid_write else "0"],
+                          env=env, capture_output=True)  # fmt: skip
+    assert proc.returncode == (0 if kill_at == 7 else -signal.SIGKILL), proc.stderr
+
+    # what a plain pandas reader sees: every visible steps part has its samples row
+    samples = pd.read_parquet(path / "samples.parquet")
+    steps = pd.read_parquet(path / "steps.parquet")
+    committed = kill_at >= 6
+    assert list(samples["sample_id"]) == (["s0", "s1"] if committed else ["s0"])
+    assert set(steps["sample_id"]) <= set(samples["sample_id"])
+    assert set(steps["sample_id"]) == ({"s0", "s1"} if kill_at == 7 else {"s0"})  # s1's steps stay hidden until 6
+    # open_run sees each committed sample whole (reading a still-pending steps part)
+    run = open_run(path)
+    assert run.sample_ids == list(samples["sample_id"])
+    assert run.steps.groupby("sample_id").size().to_dict() == dict.fromkeys(run.sample_ids, 4)
+
+    # a resume repairs the run and it ends equal to an uninterrupted one
+    with RunWriter(path, {"model": "m"}) as writer:
+        for i in (1, 2):
+            if f"s{i}" not in writer.done_ids:
+                writer.write_sample(*kill_sample(i))
+    with RunWriter(tmp_path / "clean", {"model": "m"}) as writer:
+        for i in (0, 1, 2):
+            writer.write_sample(*kill_sample(i))
+    resumed, clean = open_run(path), open_run(tmp_path / "clean")
+    pd.testing.assert_frame_equal(resumed.samples, clean.samples)
+    pd.testing.assert_frame_equal(resumed.steps, clean.steps)
+    plain = [pd.read_parquet(p / "steps.parquet") for p in (path, tmp_path / "clean")]
+    pd.testing.assert_frame_equal(*plain)
+    for sample_id in clean.sample_ids:
+        np.testing.assert_array_equal(resumed.scores(sample_id), clean.scores(sample_id))
+    assert [p.name for p in path.rglob(".*")] == []  # no temporary or pending file is left
+
+
+def test_a_full_disk_mid_commit_leaves_the_run_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import vpstudy.runs as runs
+
+    path = tmp_path / "run"
+    writer = RunWriter(path, MANIFEST)
+    writer.write_sample(*make_sample("s0"))
+    before = snapshot(path)
+    write_table = runs._write_table
+    calls = []
+
+    def full_disk(table, file):
+        calls.append(file)
+        if len(calls) == 2:  # the samples part of s1: its steps part is already written (hidden)
+            file.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        write_table(table, file)
+
+    monkeypatch.setattr(runs, "_write_table", full_disk)
+    with pytest.raises(OSError) as err:
+        writer.write_sample(*make_sample("s1"))
+    assert err.value.errno == errno.ENOSPC
+    assert snapshot(path) == before  # this attempt's files are gone, the committed sample untouched
+    monkeypatch.setattr(runs, "_write_table", write_table)
+    writer.write_sample(*make_sample("s1"))  # the same writer goes on once there is space
+    assert open_run(path).sample_ids == ["s0", "s1"]
+
+
+def test_check_output_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vpstudy.runs import check_output_path
+
+    (tmp_path / "file").write_text("x")
+    check_output_path(tmp_path / "new" / "run")  # nothing is created
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(RunStoreError, match=r"--out .*/file/run: cannot be created because .*/file is a file"):
+        check_output_path(tmp_path / "file" / "run")
+    with pytest.raises(RunStoreError, match=r"--out .*/file: exists and is not a directory"):
+        check_output_path(tmp_path / "file")
+    with pytest.raises(RunStoreError, match=r"--out .*: is a directory, not a file"):
+        check_output_path(tmp_path, kind="file")
+    check_output_path(tmp_path / "file", kind="file")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not str(p).startswith(str(locked)))
+    with pytest.raises(RunStoreError, match=r"locked is not writable \(permission denied or a read-only file system\)"):
+        check_output_path(locked / "run")
+    locked.chmod(0o755)

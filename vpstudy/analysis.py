@@ -1,6 +1,7 @@
 """``vpstudy analyze RUN``: the paper's statistics of a recorded run, written to ``RUN/analysis/``.
 
-Files (the tables are those of :mod:`vpstudy.stats.tables`, one CSV each):
+Files (one CSV per statistic of :mod:`vpstudy.stats.registry`, whose tables are those of
+:mod:`vpstudy.stats.tables`):
 
 - ``stats.json``: settings, the analysis layer, a headline block at that layer, every table
   as records, and what was skipped and why;
@@ -11,7 +12,10 @@ Files (the tables are those of :mod:`vpstudy.stats.tables`, one CSV each):
   ``mass_contrast.csv`` and ``localization.csv``.
 
 The *analysis layer* is the recorded layer at VisionPulse's relative anchor depth (17 of 36)
-unless one is given: with every layer recorded it is the anchor itself.
+unless one is given: with every layer recorded it is the anchor itself. It is also where the
+default store policy keeps p̄ per step (:mod:`vpstudy.storage`); statistics that need p̄ at a
+layer the run did not keep are skipped with one line saying what to record instead. The figures read these
+files back when they are current (:func:`current_analysis`). Definitions: docs/design.md.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,32 +33,19 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .annotations import AnnotationError, has_annotations, step_annotations
-from .rules import anchor_layer
 from .datasets import DatasetError, load_dataset
 from .runs import Run, open_run
-from .stats.tables import (
-    AnalysisSettings,
-    check_arrays,
-    check_layer,
-    check_run,
-    correlation_table,
-    layer_similarity,
-    localization_table,
-    mass_contrast_table,
-    never_activated_table,
-    recorded_layers,
-    step_dependence_curve,
-    step_dependence_table,
-)
+from .stats.registry import StatContext, by_need, describe, get_statistic, statistics
+from .stats.tables import AnalysisError, AnalysisSettings, check_arrays, check_layer, check_run, recorded_layers
+from .storage import analysis_layer
 
 ANALYSIS_DIR = "analysis"
 
 
 def default_layer(run: Run) -> int:
-    """The recorded layer nearest to the anchor depth of a model with ``max(layers) + 1`` layers."""
-    layers = recorded_layers(run)
-    target = anchor_layer(max(layers) + 1)
-    return min(layers, key=lambda layer: (abs(layer - target), layer))
+    """The recorded layer nearest to the anchor depth of a model with ``max(layers) + 1`` layers
+    (:func:`vpstudy.storage.analysis_layer`: the layer the default store policy keeps p̄ at)."""
+    return analysis_layer(recorded_layers(run))
 
 
 def json_safe(value: Any) -> Any:
@@ -75,12 +65,24 @@ def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
     return json_safe(table.to_dict(orient="records"))
 
 
+def run_counts(run: Run) -> dict[str, Any]:
+    """What an analysis rests on, as stats.json records it: ``samples`` (count), ``steps``
+    (generated steps over all samples, each counted once however many layers were recorded)
+    and ``layers`` (the recorded layer indices)."""
+    return {
+        "samples": len(run.samples),
+        "steps": int(run.steps.groupby("sample_id").size().sum() // len(recorded_layers(run))),
+        "layers": recorded_layers(run),
+    }
+
+
 def resolve_dataset(run: Run, data: str | Path | None) -> tuple[Any, str | None]:
     """The dataset whose annotations apply to ``run`` (``data`` or the run's own), or
     ``(None, why not)``."""
     path = Path(data) if data is not None else Path(run.manifest.get("dataset", {}).get("path", ""))
+    annotated = [s.name for s in (*by_need("annotations"), *by_need("regions"))]
     if not str(path) or not path.exists():
-        return None, f"dataset {path} not found: annotated statistics (mass contrast, localization) skipped"
+        return None, f"dataset {path} not found: annotated statistics ({describe(annotated, ', ')}) skipped"
     try:
         dataset = load_dataset(path)
     except DatasetError as e:
@@ -88,12 +90,20 @@ def resolve_dataset(run: Run, data: str | Path | None) -> tuple[Any, str | None]
             raise
         return None, f"dataset {path} cannot be read ({e}): annotated statistics skipped"
     if not has_annotations(dataset):
-        return None, f"dataset {path} has no trace annotations (trace, token_reads_image): mass contrast and localization skipped"  # fmt: skip
+        return None, (
+            f"dataset {path} has no trace annotations (trace, token_reads_image): {describe(annotated)} skipped"
+        )
     return dataset, None
 
 
-def analyze(run: Run | str | Path, *, data: str | Path | None = None, layer: int | None = None,
-            settings: AnalysisSettings = AnalysisSettings(), progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def analyze(
+    run: Run | str | Path,
+    *,
+    data: str | Path | None = None,
+    layer: int | None = None,
+    settings: AnalysisSettings = AnalysisSettings(),
+    progress: bool = True,
+) -> dict[str, Any]:
     """Compute every statistic of the module docstring and write them to ``RUN/analysis/``.
 
     Args:
@@ -123,65 +133,57 @@ def analyze(run: Run | str | Path, *, data: str | Path | None = None, layer: int
             if data is not None:
                 raise
             notes.append(f"annotations of {dataset.path} do not fit this run ({e}): annotated statistics skipped")
-    has_regions = annotations is not None and any(a.region for a in annotations)
-    if annotations is not None and not has_regions:
-        notes.append(f"dataset {dataset.path} gives no image regions (token_boxes): localization skipped")
+    context = StatContext(run, layer, settings, annotations)
+    if annotations is not None and not context.has_regions:
+        names = describe([s.name for s in by_need("regions")])
+        notes.append(f"dataset {dataset.path} gives no image regions (token_boxes): {names} skipped")
 
-    tasks: list[tuple[str, Callable[[], Any]]] = [
-        ("correlations", lambda: correlation_table(run, settings)),
-        ("never_activated", lambda: never_activated_table(run, settings)),
-        ("step_dependence", lambda: step_dependence_table(run, settings)),
-        ("step_dependence_curve", lambda: step_dependence_curve(run, layer, settings.top_k_fraction)),
-        ("layer_similarity", lambda: layer_similarity(run)),
-    ]
-    if annotations is not None:
-        tasks.append(("mass_contrast", lambda: mass_contrast_table(run, annotations, settings)))
-    if has_regions:
-        tasks.append(("localization", lambda: localization_table(run, annotations, settings)))
-
+    chosen = [s for s in statistics() if s.available(context)]
+    notes += scores_notes(context)
     tables: dict[str, pd.DataFrame] = {}
-    for name, compute in tqdm(tasks, desc=f"analyze {run.path.name}", unit="table", disable=not progress):
-        if name == "layer_similarity":
-            layers, matrix = compute()
-            tables[name] = pd.DataFrame(matrix, index=pd.Index(layers, name="layer"), columns=[str(x) for x in layers])
-        else:
-            tables[name] = compute()
+    for statistic in tqdm(chosen, desc=f"analyze {run.path.name}", unit="table", disable=not progress):
+        tables[statistic.name] = statistic.compute(context)
 
     result = {
         "run": str(run.path),
         "model": run.manifest.get("model"),
         "dataset": str(dataset.path) if dataset is not None else None,
-        "samples": len(run.samples),
-        "steps": int(run.steps.groupby("sample_id").size().sum() // len(recorded_layers(run))),
-        "layers": recorded_layers(run),
+        **run_counts(run),
         "analysis_layer": layer,
         "settings": asdict(settings),
         "skipped": notes,
         "headline": headline(tables, layer),
-        "tables": {
-            name: (_records(t.reset_index()) if name == "layer_similarity" else _records(t)) for name, t in tables.items()
-        },
+        "tables": {name: json_safe(get_statistic(name).records(t)) for name, t in tables.items()},
     }
     _write(run.path / ANALYSIS_DIR, result, tables)
     return result
 
 
+def scores_notes(context: StatContext) -> list[str]:
+    """One line per reason, for the statistics whose inputs the context has but whose p̄ the run
+    did not keep (their names joined, then what they need and what to record instead)."""
+    by_reason: dict[str, list[str]] = {}
+    for statistic in statistics():
+        note = statistic.scores_note(context) if statistic.inputs_present(context) else None
+        if note is not None:
+            what = statistic.name.replace("_", " ")
+            head, _, reason = note.partition(f"{what} needs ")
+            by_reason.setdefault(f"{head}\0{reason}", []).append(statistic.name)
+    notes = []
+    for key, names in by_reason.items():
+        head, reason = key.split("\0")
+        verb = "needs" if len(names) == 1 else "need"
+        notes.append(f"{head}{describe(names)} {verb} {reason}; skipped")
+    return notes
+
+
 def headline(tables: dict[str, pd.DataFrame], layer: int) -> dict[str, Any]:
-    """The numbers a report leads with, at the analysis layer."""
+    """The numbers a report leads with, at the analysis layer: for every statistic of the
+    registry that has a headline and a table here, its headline rows under their keys."""
     out: dict[str, Any] = {"layer": layer}
-    corr = tables["correlations"]
-    out["correlations"] = _records(corr[corr["layer"] == layer])
-    never = tables["never_activated"]
-    out["never_activated"] = _records(never[never["layer"] == layer])
-    dep = tables["step_dependence"]
-    out["step_dependence"] = _records(dep[dep["layer"] == layer])
-    if "mass_contrast" in tables:
-        contrast = tables["mass_contrast"]
-        out["mass_contrast"] = _records(contrast[contrast["layer"] == layer])
-    if "localization" in tables:
-        loc = tables["localization"]
-        out["localization"] = _records(loc[loc["layer"] == layer])
-        out["localization_best"] = _records(loc.loc[[loc["localization"].idxmax()]])
+    for statistic in statistics():
+        if statistic.headline is not None and statistic.name in tables:
+            out |= {key: _records(rows) for key, rows in statistic.headline(tables[statistic.name], layer).items()}
     return json_safe(out)
 
 
@@ -191,7 +193,7 @@ def _write(folder: Path, result: dict[str, Any], tables: dict[str, pd.DataFrame]
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, table in tables.items():
-        table.to_csv(tmp / f"{name}.csv", index=name == "layer_similarity")
+        get_statistic(name).write(table, tmp)
     (tmp / "stats.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -204,3 +206,31 @@ def _write(folder: Path, result: dict[str, Any], tables: dict[str, pd.DataFrame]
 def load_analysis(run_path: str | Path) -> dict[str, Any]:
     """``RUN/analysis/stats.json`` as written by :func:`analyze`."""
     return json.loads((Path(run_path) / ANALYSIS_DIR / "stats.json").read_text(encoding="utf-8"))
+
+
+def current_analysis(run: Run) -> tuple[dict[str, Any] | None, str | None]:
+    """``RUN/analysis/stats.json`` if it was computed on the run as it is now, else why not.
+
+    Returns:
+        ``(stats.json content, None)`` when the analysis exists and its sample count, step
+        count and recorded layers (:func:`run_counts`) are the run's; ``(None, None)`` when
+        there is no analysis; ``(None, reason)`` when it is older than the run (e.g. the run
+        was resumed with more samples since).
+
+    Raises:
+        AnalysisError: ``stats.json`` exists but cannot be read as JSON.
+    """
+    path = run.path / ANALYSIS_DIR / "stats.json"
+    if not path.is_file():
+        return None, None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AnalysisError(f"{path}: cannot be read as JSON ({e}); rerun vpstudy analyze") from None
+    if not isinstance(result, dict):
+        raise AnalysisError(f"{path}: not an analysis (a JSON object); rerun vpstudy analyze")
+    now = run_counts(run)
+    differ = [f"{key} {result.get(key)} vs {value} now" for key, value in now.items() if result.get(key) != value]
+    if differ:
+        return None, f"{path.parent} is older than the run ({'; '.join(differ)})"
+    return result, None

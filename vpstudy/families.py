@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
 from .errors import VpstudyError
 
 RopeKind = Literal["rope", "mrope", "mrope_interleaved"]
@@ -102,6 +103,21 @@ class FamilySpec:
     def count_image_tokens(self, image_inputs: Mapping[str, Any], index: int, context: Mapping[str, Any]) -> int:
         """Number of placeholder tokens image ``index`` of a processed batch expands to."""
         return TOKEN_COUNTERS[self.token_counter](image_inputs, index, context)
+
+    def vision_layout(self, model: nn.Module) -> VisionLayout:
+        """Where encoder-side pruning reads this family's vision encoder (:class:`VisionLayout`).
+
+        Raises:
+            UnsupportedFamilyError: the family has no layout yet (LLaVA-OneVision's any-resolution
+                crops and InternVL's pixel shuffle map patches to tokens in ways not written here).
+        """
+        builder = VISION_LAYOUTS.get(self.name)
+        if builder is None:
+            raise UnsupportedFamilyError(
+                f"encoder-side pruning does not support family {self.name!r} yet "
+                f"(supported: {', '.join(VISION_LAYOUTS)})"
+            )
+        return builder(model)
 
     def grid_shape(self, image_inputs: Mapping[str, Any], index: int, context: Mapping[str, Any]) -> list[int]:
         """Layout of the image's visual tokens (``[t, h, w]`` or ``[h, w]``), for figures.
@@ -237,10 +253,17 @@ FAMILIES: dict[str, FamilySpec] = {
             token_counter="onevision_anyres",
         ),
         _QWEN2_VL,
-        replace(_QWEN2_VL, name="qwen2_5_vl", model_types=("qwen2_5_vl",),
-                model_class="Qwen2_5_VLForConditionalGeneration"),
-        replace(_QWEN2_VL, name="qwen3_vl", model_types=("qwen3_vl",), model_class="Qwen3VLForConditionalGeneration",
-                rope="mrope_interleaved", extra={"deepstack": True}),
+        replace(
+            _QWEN2_VL, name="qwen2_5_vl", model_types=("qwen2_5_vl",), model_class="Qwen2_5_VLForConditionalGeneration"
+        ),
+        replace(
+            _QWEN2_VL,
+            name="qwen3_vl",
+            model_types=("qwen3_vl",),
+            model_class="Qwen3VLForConditionalGeneration",
+            rope="mrope_interleaved",
+            extra={"deepstack": True},
+        ),
         FamilySpec(
             name="internvl",
             model_types=("internvl",),
@@ -255,7 +278,7 @@ FAMILIES: dict[str, FamilySpec] = {
             processor_only_keys=("num_patches",),
         ),
     )
-}  # fmt: skip
+}
 
 
 def family_for_config(config: Any, source: str = "config.json") -> FamilySpec:
@@ -269,7 +292,9 @@ def family_for_config(config: Any, source: str = "config.json") -> FamilySpec:
         if model_type in spec.model_types:
             return spec
     supported = ", ".join(t for s in FAMILIES.values() for t in s.model_types)
-    raise UnsupportedFamilyError(f"{source}: model_type {model_type!r} is not a supported family (supported: {supported})")
+    raise UnsupportedFamilyError(
+        f"{source}: model_type {model_type!r} is not a supported family (supported: {supported})"
+    )
 
 
 def get_family(name: str) -> FamilySpec:
@@ -291,6 +316,7 @@ class TextGeometry:
 
     @classmethod
     def of(cls, config: Any) -> TextGeometry:
+        """The geometry of a transformers config (of its text config, for a composite VLM config)."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = int(text.num_attention_heads)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -309,3 +335,115 @@ def mrope_section(head_dim: int) -> list[int]:
     temporal = half // 4
     height = (half - temporal) // 2
     return [temporal, height, half - temporal - height]
+
+
+# --- what encoder-side pruning reads (vpstudy.pruning.encoder) ----------------------------------
+
+
+@dataclass
+class VisionLayout:
+    """Where a family keeps what the encoder stage reads, and how patches map to LM tokens.
+
+    Attributes:
+        attention_module: the attention module of the vision layer whose output becomes the
+            features.
+        features_module: the module whose output is the features the language model receives.
+        has_cls: the encoder prepends a [CLS] token that the features drop.
+        merge: patches per language-model token (consecutive in the encoder's order).
+        cls_dropped: the features drop the [CLS] token (LLaVA's ``"default"`` strategy).
+    """
+
+    attention_module: Any
+    features_module: Any
+    has_cls: bool
+    merge: int
+    cls_dropped: bool
+    packed: bool  # features are [ΣN, D] (Qwen) rather than [n_images, N, D]
+
+    def drop_cls(self, patches: torch.Tensor) -> torch.Tensor:
+        """One image's patch-level values [P, ...] without the [CLS] entry when the features drop it."""
+        return patches[1:] if self.has_cls and self.cls_dropped else patches
+
+    def patches_to_tokens(self, values: torch.Tensor, n: int, reduce: str) -> torch.Tensor | None:
+        """One image's patch-level values [P, ...] as [n, ...] per language-model token: each token's
+        ``merge`` consecutive patches summed (``reduce="sum"``) or averaged (any other ``reduce``).
+        None when the patches (after :meth:`drop_cls`) are not ``n * merge``."""
+        values = self.drop_cls(values)
+        if values.shape[0] != n * self.merge:
+            return None
+        grouped = values.reshape(n, self.merge, *values.shape[1:])
+        return grouped.sum(1) if reduce == "sum" else grouped.mean(1)
+
+    def project(self, module: Any, patches: torch.Tensor) -> torch.Tensor:
+        """One image's patches [P, D_vision] passed through ``module`` (the features module) in its
+        dtype: [P / merge, D_text] rows."""
+        dtype = next(module.parameters()).dtype
+        out = module(patches.to(dtype).unsqueeze(0) if not self.packed else patches.to(dtype))
+        out = out[0] if isinstance(out, tuple) else out
+        return out.reshape(-1, out.shape[-1])
+
+    def split_features(self, output: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        """The features module's ``output`` as one [N_i, D] tensor per image (``counts``: each
+        image's N_i, used to split the packed [ΣN, D] form)."""
+        if self.packed:
+            return list(torch.split(output, [int(c) for c in counts]))
+        return list(output)
+
+    def join_features(self, output: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        """Per-image ``features`` back in the form and dtype of the features module's ``output``:
+        [ΣN, D] when packed, else [n_images, N, D]."""
+        if self.packed:
+            return torch.cat(features).to(output.dtype)
+        return torch.stack(features).to(output.dtype)
+
+    def grid(self, n: int) -> tuple[int, int] | None:
+        """(rows, columns) of an image's ``n`` tokens when they form a square, else None."""
+        side = int(round(n**0.5))
+        return (side, side) if side * side == n else None
+
+
+def _path(model: Any, dotted: str) -> Any:
+    obj = model
+    for part in dotted.split("."):
+        obj = obj[int(part)] if part.lstrip("-").isdigit() else getattr(obj, part)
+    return obj
+
+
+def _llava_layout(model: Any) -> VisionLayout:
+    config = model.config
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise UnsupportedFamilyError("encoder-side pruning: several vision feature layers are not supported")
+    layers = model.model.vision_tower.encoder.layers
+    index = layer if layer < 0 else layer - 1  # hidden_states[k] is the output of layer k - 1
+    return VisionLayout(
+        attention_module=layers[index].self_attn,
+        features_module=model.model.multi_modal_projector,
+        has_cls=True,
+        merge=1,
+        cls_dropped=config.vision_feature_select_strategy == "default",
+        packed=False,
+    )
+
+
+def _qwen_layout(model: Any) -> VisionLayout:
+    visual = model.model.visual
+    return VisionLayout(
+        attention_module=visual.blocks[-1].attn,
+        features_module=visual.merger,
+        has_cls=False,
+        merge=int(visual.spatial_merge_size) ** 2,
+        cls_dropped=False,
+        packed=True,
+    )
+
+
+VISION_LAYOUTS: dict[str, Callable[[Any], VisionLayout]] = {
+    "llava": _llava_layout,
+    "qwen2_vl": _qwen_layout,
+    "qwen2_5_vl": _qwen_layout,
+    "qwen3_vl": _qwen_layout,
+}
+
+ENCODER_FAMILIES: tuple[str, ...] = tuple(VISION_LAYOUTS)
+"""The families encoder-side pruning supports (those with a :class:`VisionLayout`)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -19,12 +19,22 @@ from .families import FAMILIES, FamilySpec, get_family
 from .loading import quiet_transformers
 
 SPECIAL_TOKENS = [
-    "<pad>", "<unk>", "<s>", "</s>",
-    "<image>", "<video>",
-    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
-    "<img>", "</img>", "<IMG_CONTEXT>",
-    "USER:", "ASSISTANT:",
-]  # fmt: skip
+    "<pad>",
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<image>",
+    "<video>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "USER:",
+    "ASSISTANT:",
+]
 WORDS = (
     "the a an is are of to in on at and or not what which how many where there this that it "
     "image picture describe object objects colour color shape red green blue yellow black white "
@@ -32,6 +42,7 @@ WORDS = (
     "zero one two three four five six seven eight nine ten so then first second answer : , ."
 ).split()
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
 
 def chat_template(image_prompt: str, preamble: str = "") -> str:
     """A chat template the word-level tokenizer can split: BOS, an optional fixed ``preamble``,
@@ -116,7 +127,7 @@ def _llava(tok: Any, text_overrides: dict[str, Any]) -> Built:
     config = LlavaConfig(
         vision_config=vision,
         text_config=LlamaConfig(**text_config(len(tok), **text_overrides)),
-        image_token_id=image,
+        image_token_index=image,  # read back as config.image_token_id
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         image_seq_length=16,
@@ -127,9 +138,13 @@ def _llava(tok: Any, text_overrides: dict[str, Any]) -> Built:
         from transformers import LlavaProcessor
 
         return LlavaProcessor(
-            image_processor=image_processor, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
-            num_additional_image_tokens=1, chat_template=tok.chat_template,
-        )  # fmt: skip
+            image_processor=image_processor,
+            tokenizer=tok,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=tok.chat_template,
+        )
 
     return config, image_processor, full_processor
 
@@ -145,8 +160,8 @@ def _llava_onevision(tok: Any, text_overrides: dict[str, Any]) -> Built:
     config = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=Qwen2Config(**text_config(len(tok), **text_overrides)),
-        image_token_id=image,
-        video_token_id=video,
+        image_token_index=image,  # read back as config.image_token_id (and video_token_id)
+        video_token_index=video,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
         image_grid_pinpoints=pinpoints,
@@ -155,9 +170,20 @@ def _llava_onevision(tok: Any, text_overrides: dict[str, Any]) -> Built:
     return config, processor, None
 
 
-def _qwen_ids(tok: Any) -> dict[str, int]:
+class _QwenTokenIds(TypedDict):
+    """The special-token ids a Qwen-VL config takes (keyword arguments of its constructor)."""
+
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+
+
+def _qwen_ids(tok: Any) -> _QwenTokenIds:
     image, video, start, end = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-    return dict(image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
+    return _QwenTokenIds(
+        image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end
+    )
 
 
 def _qwen2_vl(tok: Any, text_overrides: dict[str, Any]) -> Built:
@@ -167,11 +193,17 @@ def _qwen2_vl(tok: Any, text_overrides: dict[str, Any]) -> Built:
     config = Qwen2VLConfig(
         text_config=(text := text_config(len(tok), {"rope_parameters": rope}, **text_overrides)),
         vision_config=dict(
-            depth=2, embed_dim=64, hidden_size=text["hidden_size"], num_heads=4, mlp_ratio=2,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            depth=2,
+            embed_dim=64,
+            hidden_size=text["hidden_size"],
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         ),
         **_qwen_ids(tok),
-    )  # fmt: skip
+    )
     processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
     return config, processor, None
 
@@ -183,11 +215,17 @@ def _qwen2_5_vl(tok: Any, text_overrides: dict[str, Any]) -> Built:
     config = Qwen2_5_VLConfig(
         text_config=(text := text_config(len(tok), {"rope_parameters": rope}, **text_overrides)),
         vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
-            patch_size=14, window_size=56, fullatt_block_indexes=[1],
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            out_hidden_size=text["hidden_size"],
+            patch_size=14,
+            window_size=56,
+            fullatt_block_indexes=[1],
         ),
         **_qwen_ids(tok),
-    )  # fmt: skip
+    )
     processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2)
     return config, processor, None
 
@@ -199,11 +237,17 @@ def _qwen3_vl(tok: Any, text_overrides: dict[str, Any]) -> Built:
     config = Qwen3VLConfig(
         text_config=(text := text_config(len(tok), {"head_dim": 16, "rope_parameters": rope}, **text_overrides)),
         vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
-            patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0],
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            out_hidden_size=text["hidden_size"],
+            patch_size=16,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
         ),
         **_qwen_ids(tok),
-    )  # fmt: skip
+    )
     processor = Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=128 * 128, patch_size=16, merge_size=2)
     return config, processor, None
 
@@ -213,9 +257,13 @@ def _internvl(tok: Any, text_overrides: dict[str, Any]) -> Built:
 
     (image,) = _ids(tok, "<IMG_CONTEXT>")
     vision = InternVLVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        image_size=[56, 56], patch_size=[14, 14],
-    )  # fmt: skip
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=[56, 56],
+        patch_size=[14, 14],
+    )
     config = InternVLConfig(
         vision_config=vision,
         text_config=Qwen2Config(**text_config(len(tok), **text_overrides)),
@@ -306,7 +354,12 @@ def make_tiny_dataset(out_dir: str | Path, n: int = 8, seed: int = 0, *, size: t
         y, x = int(rng.integers(0, h - 24)), int(rng.integers(0, w - 24))
         pixels[y : y + 24, x : x + 24] = colours[name]
         Image.fromarray(pixels).save(out / "images" / f"{i:04d}.png")
-        record = {"id": f"tiny-{i:04d}", "image": f"images/{i:04d}.png", "question": "what colour is the square", "answer": name}
+        record = {
+            "id": f"tiny-{i:04d}",
+            "image": f"images/{i:04d}.png",
+            "question": "what colour is the square",
+            "answer": name,
+        }
         lines.append(json.dumps(record))
     path = out / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")

@@ -1,14 +1,17 @@
 """Which decode backend runs the pruner's fast path on this device: one semantics, three
-implementations (SPEC, Attention backends).
+implementations (docs/design.md, Attention backends).
 
 - ``reference``: pure torch (:mod:`vpstudy.backends.reference`), any device, float32 arithmetic;
   the test oracle.
+- ``cpu``: pure torch written for CPUs (:mod:`vpstudy.backends.cpu`): reads only the attended
+  slots, non-visual keys in place, the kept visual keys gathered; any device.
 - ``triton``: the Triton kernels of :mod:`vpstudy.kernels` (CUDA; on a machine without CUDA
   only under ``TRITON_INTERPRET=1``, which is how CI tests their logic).
 - ``xformers``: ``memory_efficient_attention_partial`` + ``merge_attentions``
   (:mod:`vpstudy.backends.xformers`; CUDA, float16/bfloat16).
 
-``auto`` takes triton, then xformers, then the reference, whichever first can run. A backend
+``auto`` takes triton, then xformers, on CUDA (else the reference there), and ``cpu`` on any
+other device. A backend
 asked for by name that cannot run falls back to the reference with a one-line message saying why.
 """
 
@@ -19,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from ..errors import VpstudyError
 
-NAMES = ("auto", "reference", "triton", "xformers")
+NAMES = ("auto", "reference", "cpu", "triton", "xformers")
 
 
 class BackendChoiceError(VpstudyError):
@@ -44,6 +48,12 @@ def _reference() -> Backend:
     return Backend("reference", reference.anchor_select, reference.sparse_decode)
 
 
+def _cpu() -> Backend:
+    from vpstudy.backends import cpu
+
+    return Backend("cpu", cpu.anchor_select, cpu.sparse_decode)
+
+
 def _triton() -> Backend:
     from vpstudy.kernels import anchor, sparse_decode
 
@@ -58,7 +68,7 @@ def _xformers() -> Backend:
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """None when backend ``name`` can run on ``device`` with ``dtype`` and ``head_dim``; else why not."""
-    if name == "reference":
+    if name in ("reference", "cpu"):
         return None
     if name == "triton":
         from vpstudy.kernels import triton_unavailable_reason
@@ -73,13 +83,16 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, head
 
 def choose_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Backend:
     """The backend to run: ``name`` if it can run here, else (with a warning naming the reason)
-    the reference; ``auto`` picks the first of triton, xformers, reference that can run."""
+    the reference; ``auto`` picks triton, then xformers, then the reference on CUDA, and ``cpu``
+    elsewhere."""
     if name not in NAMES:
         raise BackendChoiceError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
-    makers = {"reference": _reference, "triton": _triton, "xformers": _xformers}
+    makers = {"reference": _reference, "cpu": _cpu, "triton": _triton, "xformers": _xformers}
     if name == "auto":
+        if device.type != "cuda":
+            return _cpu()
         for candidate in ("triton", "xformers"):
-            if device.type == "cuda" and unavailable_reason(candidate, device, dtype, head_dim) is None:
+            if unavailable_reason(candidate, device, dtype, head_dim) is None:
                 return makers[candidate]()
         return _reference()
     reason = unavailable_reason(name, device, dtype, head_dim)

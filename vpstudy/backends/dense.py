@@ -18,7 +18,7 @@ from ..hooks import AttentionSwap
 from .choose import Backend, choose_backend
 
 DENSE_PREFIX = "vpstudy_dense_"
-_ACTIVE: dict[int, "DenseDecode"] = {}  # id(model config) -> the DenseDecode installed on it
+_ACTIVE: dict[int, DenseDecode] = {}  # id(model config) -> the DenseDecode installed on it
 
 
 def _dense(function: Any, base: str, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

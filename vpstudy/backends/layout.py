@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from vpstudy.errors import VpstudyError
 
 
@@ -50,14 +51,17 @@ class KeyLayout:
                   for x in (start, end, visual_start, visual_len)]  # fmt: skip
         if len({f.numel() for f in fields}) != 1:
             raise LayoutError(f"layout fields disagree on the batch size: {[f.numel() for f in fields]}")
-        return cls(*fields, visual_width=int(fields[3].max()))
+        start_t, end_t, visual_start_t, visual_len_t = fields
+        return cls(start_t, end_t, visual_start_t, visual_len_t, visual_width=int(visual_len_t.max()))
 
     @property
     def batch(self) -> int:
+        """B, the number of sequences the layout describes."""
         return self.start.numel()
 
     @property
     def visual_end(self) -> torch.Tensor:
+        """[B] int32, one past each sequence's last visual slot (``visual_start + visual_len``)."""
         return self.visual_start + self.visual_len
 
     def check(self, n_slots: int) -> None:
@@ -131,7 +135,7 @@ class AnchorSelection:
     """The anchor layer's decision for every sequence of a decode step.
 
     Attributes:
-        mass: [B] float32, head-mean visual attention mass at τ = 1 (SPEC: M(t, l)).
+        mass: [B] float32, head-mean visual attention mass at τ = 1 (M(t, l)).
         head_mass_tau: [B, H_q] float32, each head's visual share of softmax(logits / τ).
         signal: [B] float32, the budget rule's signal (max or mean over heads of the share at
             the rule's τ).

@@ -1,7 +1,7 @@
 """The decode kernels of :mod:`vpstudy.backends.reference` on xformers' partial attention (CUDA,
 float16/bfloat16).
 
-SPEC: ``memory_efficient_attention_partial`` + ``merge_attentions``; the visual mass is
+The design: ``memory_efficient_attention_partial`` + ``merge_attentions``; the visual mass is
 ``exp(lse_visual − lse_all)`` and no probability matrix is formed.
 
 Each sequence's keys are split into segments: the non-visual keys before the image
@@ -44,9 +44,9 @@ import importlib.util
 import torch
 
 from vpstudy.attention import row_logits
-from vpstudy.rules import BudgetRule, parse_signal
 from vpstudy.backends.layout import AnchorSelection, KeptSet, KeyLayout, LayoutError, check_decode_inputs
 from vpstudy.backends.reference import SCORES, kept_from_mask
+from vpstudy.rules import BudgetRule, parse_signal
 from vpstudy.selection import rule_keep_counts, top_counts_mask
 
 from .errors import BackendUnavailable
@@ -117,10 +117,12 @@ def _require(query: torch.Tensor, *others: torch.Tensor) -> None:
 
 def _partial(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """xformers' partial attention of BMGHK inputs.
+    """Xformers' partial attention of BMGHK inputs.
 
     Args:
-        query: [B, M, G, H, D]; key, value: [B, L, G, H, D] (L ≥ 1).
+        query: [B, M, G, H, D].
+        key: [B, L, G, H, D] (L ≥ 1).
+        value: [B, L, G, H, D], the same L as ``key``.
         scale: logit scale.
 
     Returns:
@@ -133,10 +135,11 @@ def _partial(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """xformers' merge of partial attentions over disjoint key sets of the same query.
+    """Xformers' merge of partial attentions over disjoint key sets of the same query.
 
     Args:
-        outs: [B, M, G, H, D] each; lses: [B, G, H, M] each.
+        outs: [B, M, G, H, D] each, the partial outputs.
+        lses: [B, G, H, M] each, the partial log-sum-exps, one per entry of ``outs``.
 
     Returns:
         ``(out [B, M, G, H, D] in the dtype of outs[0], lse [B, G, H, M])``.
@@ -176,6 +179,7 @@ def _attend(query5: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tenso
     Args:
         query5: [1, 1, H_kv, G, D].
         segments: (keys, values) [H_kv, L, D] each, L ≥ 1, at least one segment.
+        scale: logit scale.
 
     Returns:
         ``(out [H_q, D], lse [H_q] float32)``.
@@ -193,10 +197,12 @@ def sparse_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, l
 
     Args:
         query: [B, H_q, D] decode queries (after RoPE), float16 or bfloat16 on CUDA.
-        key, value: [B, H_kv, T, D] the layer's cache, in the query's dtype.
+        key: [B, H_kv, T, D] the layer's key cache, in the query's dtype.
+        value: [B, H_kv, T, D] the layer's value cache, in the query's dtype.
         layout: where each sequence's keys and visual tokens are.
         kept: the visual tokens each sequence keeps (token-exact or blocks), or None.
         scale: logit scale (usually D**-0.5).
+        return_lse: also return the log-sum-exp of the attended logits.
 
     Returns:
         [B, H_q, D] in ``query.dtype``; with ``return_lse`` also the [B, H_q] float32
@@ -235,6 +241,8 @@ def _segment_lses(query5: torch.Tensor, keys: torch.Tensor, bounds: Bounds,
     Args:
         query5: [1, 1, H_kv, G, D].
         keys: [H_kv, T, D] the sequence's cache.
+        bounds: the sequence's (start, visual_start, visual_end, end) cache slots.
+        scale: logit scale (divided by τ for the tempered shares).
 
     Returns:
         ``(lse_visual [H_q], lse_all [H_q])`` float32 (the key tensor stands in for the values:
@@ -272,7 +280,12 @@ def _ranking(query_row: torch.Tensor, visual_keys: torch.Tensor, lse_all: torch.
     visual logits: head-mean logits, or head-mean probabilities ``exp(logit − lse_all)`` at τ = 1.
 
     Args:
-        query_row: [H_q, D]; visual_keys: [H_kv, N_v, D]; lse_all: [H_q] at τ = 1.
+        query_row: [H_q, D], the sequence's decode query.
+        visual_keys: [H_kv, N_v, D], the sequence's visual keys.
+        lse_all: [H_q] float32, log-sum-exp of the query's logits over all its keys at τ = 1
+            (only used when ``score`` is ``"probs"``).
+        scale: logit scale.
+        score: ``"logits"`` (head-mean logits) or ``"probs"`` (head-mean probabilities).
     """
     logits = row_logits(query_row[None], visual_keys[None], scale)[0]  # [H_q, N_v] float32
     if score == "logits":

@@ -38,19 +38,22 @@ from typing import Any
 import torch
 
 from vpstudy.backends.choose import NAMES, choose_backend
-from vpstudy.bench.latency import measure_bandwidth
-from vpstudy.bench.results import kernel_versions, load_average, result_header, write_result
-from vpstudy.rules import BudgetRule
 from vpstudy.backends.layout import KeyLayout
 from vpstudy.backends.reference import block_cover
 from vpstudy.backends.reference import sparse_decode as reference_decode
+from vpstudy.bench.latency import measure_bandwidth
+from vpstudy.bench.results import kernel_versions, load_average, result_header, write_result
+from vpstudy.rules import BudgetRule
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vpstudy.bench.kernels",
-                                     description="Per-kernel decode timings against their roofline (see module doc).")  # fmt: skip
+    """The benchmark's options from ``argv`` (``sys.argv[1:]`` when None), with the device-dependent
+    defaults (batch, visual-context lengths, dtype) filled in; exits via argparse on invalid ones."""
+    parser = argparse.ArgumentParser(
+        prog="python -m vpstudy.bench.kernels",
+        description="Per-kernel decode timings against their roofline (see module doc).")  # fmt: skip
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", choices=NAMES, default="auto")
     parser.add_argument("--batch", type=int, default=None, help="default 8 (cuda) / 2 (cpu)")
@@ -104,11 +107,13 @@ def inputs(args: argparse.Namespace, n_visual: int, device: torch.device) -> dic
     before = min(32, args.text_tokens)
     slots = args.text_tokens + n_visual
     g = torch.Generator().manual_seed(n_visual)
-    ends = [slots - int(torch.randint(0, max(1, args.text_tokens - before), (), generator=g)) for _ in range(args.batch)]
+    ends = [slots - int(torch.randint(0, max(1, args.text_tokens - before), (), generator=g))
+            for _ in range(args.batch)]  # fmt: skip
     layout = KeyLayout.build([0] * args.batch, ends, [before] * args.batch, [n_visual] * args.batch, device=device)
     shape = (args.batch, args.kv_heads, slots, args.head_dim)
     return dict(query=torch.randn(args.batch, args.heads, args.head_dim, device=device, dtype=dtype),
-                key=torch.randn(shape, device=device, dtype=dtype), value=torch.randn(shape, device=device, dtype=dtype),
+                key=torch.randn(shape, device=device, dtype=dtype),
+                value=torch.randn(shape, device=device, dtype=dtype),
                 layout=layout, scale=args.head_dim**-0.5)  # fmt: skip
 
 
@@ -121,7 +126,8 @@ def kv_bytes(layout: KeyLayout, kept_tokens: torch.Tensor | None, kv_heads: int,
     return int(keys.sum()) * kv_heads * head_dim * itemsize * (2 if values else 1)
 
 
-def bench_context(args: argparse.Namespace, n_visual: int, device: torch.device, bandwidth: float) -> list[dict[str, Any]]:
+def bench_context(args: argparse.Namespace, n_visual: int, device: torch.device,
+                  bandwidth: float) -> list[dict[str, Any]]:  # fmt: skip
     """Time every kernel at one visual-context length; one row per kernel."""
     x = inputs(args, n_visual, device)
     backend = choose_backend(args.backend, device, x["query"].dtype, args.head_dim)
@@ -136,21 +142,22 @@ def bench_context(args: argparse.Namespace, n_visual: int, device: torch.device,
     kept_tokens = selection.kept.kept_tokens(layout.visual_len)
     cover_tokens = cover.kept_tokens(layout.visual_len)
     kernels: dict[str, tuple[Callable[[], Any], int, torch.Tensor | None]] = {
-        "sdpa": (lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale,
-                                                                          enable_gqa=True),
+        "sdpa": (lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask,
+                                                                          scale=scale, enable_gqa=True),
                  kv_bytes(layout, None, args.kv_heads, args.head_dim, itemsize), None),  # fmt: skip
         "dense": (lambda: backend.sparse_decode(q, k, v, layout, None, scale=scale),
                   kv_bytes(layout, None, args.kv_heads, args.head_dim, itemsize), None),
         "sparse": (lambda: backend.sparse_decode(q, k, v, layout, selection.kept, scale=scale),
                    kv_bytes(layout, kept_tokens, args.kv_heads, args.head_dim, itemsize), kept_tokens),
         f"sparse-block{args.block}": (lambda: backend.sparse_decode(q, k, v, layout, cover, scale=scale),
-                                      kv_bytes(layout, cover_tokens, args.kv_heads, args.head_dim, itemsize), cover_tokens),
+                                      kv_bytes(layout, cover_tokens, args.kv_heads, args.head_dim, itemsize),
+                                      cover_tokens),
         "anchor": (lambda: backend.anchor_select(q, k, layout, rule, scale=scale),
                    kv_bytes(layout, None, args.kv_heads, args.head_dim, itemsize, values=False), None),
     }  # fmt: skip
     check = reference_decode(q, k, v, layout, selection.kept, scale=scale).float()
     error = float((backend.sparse_decode(q, k, v, layout, selection.kept, scale=scale).float() - check).abs().max())
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, (call, n_bytes, kept) in kernels.items():
         for _ in range(args.warmup):
             call()
@@ -172,8 +179,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     load_before = load_average()
     bandwidth = measure_bandwidth(args.device, (2 << 30) if device.type == "cuda" else (256 << 20))
-    print(f"device {device}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; batch {args.batch}, {args.heads}/{args.kv_heads}"
-          f" heads, head dim {args.head_dim}, {args.dtype}, keep {args.keep:.0%}", flush=True)  # fmt: skip
+    print(f"device {device}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; batch {args.batch}, "
+          f"{args.heads}/{args.kv_heads} heads, head dim {args.head_dim}, {args.dtype}, keep {args.keep:.0%}",
+          flush=True)  # fmt: skip
     rows = []
     for n_visual in args.visual_tokens:
         rows += bench_context(args, n_visual, device, bandwidth)
@@ -182,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for r in rows:
         retention = "" if r["retention"] is None else f"{100 * r['retention']:.1f}%"
         print(f"{r['visual_tokens']:>7} {r['kernel']:<16} {r['backend']:<10} {1e6 * r['seconds']:>9.1f} "
-              f"{r['vs_dense']:>8.2f}x {1e6 * r['roofline_s']:>12.1f} {r['seconds'] / r['roofline_s']:>12.2f}x {retention:>9}")  # fmt: skip
+              f"{r['vs_dense']:>8.2f}x {1e6 * r['roofline_s']:>12.1f} "
+              f"{r['seconds'] / r['roofline_s']:>12.2f}x {retention:>9}")  # fmt: skip
     result = {
         **result_header("vpstudy.bench.kernels", argv, load_before, load_average(), device=device),
         "kind": "kernels",

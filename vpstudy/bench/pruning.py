@@ -42,15 +42,18 @@ import torch
 import vpstudy
 from vpstudy.bench.recording import Geometry, StepClock, build_inputs, write_model
 from vpstudy.bench.results import load_average, result_header, write_result
-from vpstudy.rules import anchor_layer
 from vpstudy.pruning import Pruner, VisionPulse
+from vpstudy.rules import anchor_layer
 
 MODES: tuple[str, ...] = ("dense", "visionpulse-physical", "visionpulse-mask")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vpstudy.bench.pruning",
-                                     description="Decode-step time of VisionPulse physical mode vs dense (see module doc).")  # fmt: skip
+    """The benchmark's options from ``argv`` (``sys.argv[1:]`` when None); exits via argparse
+    unless ``--new-tokens`` ≥ 2 and ``--repeats`` ≥ 1."""
+    parser = argparse.ArgumentParser(
+        prog="python -m vpstudy.bench.pruning",
+        description="Decode-step time of VisionPulse physical mode vs dense (see module doc).")  # fmt: skip
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
@@ -82,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     inputs, n_visual = build_inputs(model, processor, args.visual_tokens)
     anchor = anchor_layer(args.layers)
     print(f"model: random qwen2_vl, text hidden {geometry.hidden}, {geometry.layers} layers, {geometry.heads}/"
-          f"{geometry.kv_heads} heads; {n_visual} visual tokens, prompt {inputs['input_ids'].shape[1]}; anchor {anchor}; "
+          f"{geometry.kv_heads} heads; {n_visual} visual tokens, prompt {inputs['input_ids'].shape[1]}; "
+          f"anchor {anchor}; "
           f"N = {args.new_tokens}; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.get_num_threads()} threads; load average {load_before}", flush=True)  # fmt: skip
 

@@ -87,13 +87,16 @@ class Geometry:
 
     @property
     def head_dim(self) -> int:
+        """Per-head dimension, ``hidden // heads``."""
         return self.hidden // self.heads
 
     @property
     def mrope_section(self) -> list[int]:
+        """Qwen2-VL M-RoPE split of ``head_dim // 2`` rotary pairs into (temporal, height, width)."""
         return mrope_section(self.head_dim)
 
     def text_overrides(self) -> dict[str, Any]:
+        """Overrides of the tiny model's ``text_config`` (transformers names) giving it this geometry."""
         return dict(
             hidden_size=self.hidden,
             intermediate_size=self.intermediate,
@@ -114,7 +117,7 @@ class ModeTimings:
 
     def decode_step_s(self, new_tokens: int) -> list[float]:
         """Per round: ``(t_N - t_1) / (N - 1)``, the protocol's decode time per step."""
-        return [(full - pre) / (new_tokens - 1) for full, pre in zip(self.full_s, self.prefill_s)]
+        return [(full - pre) / (new_tokens - 1) for full, pre in zip(self.full_s, self.prefill_s, strict=True)]
 
     def in_run_step_s(self) -> list[float]:
         """Per round: mean decode step inside the t_N call (immune to prefill noise)."""
@@ -122,7 +125,7 @@ class ModeTimings:
 
     def prefill_in_full_s(self) -> list[float]:
         """Per round: the part of t_N before the first decode step (compare with ``prefill_s``)."""
-        return [full - sum(steps) for full, steps in zip(self.full_s, self.steps_s)]
+        return [full - sum(steps) for full, steps in zip(self.full_s, self.steps_s, strict=True)]
 
 
 class StepClock:
@@ -141,9 +144,10 @@ class StepClock:
 
     def decode_steps(self, end: float) -> list[float]:
         """Durations of the decode steps of the last call, which ended at ``end``."""
-        return [b - a for a, b in zip(self.stamps[1:], [*self.stamps[2:], end])]
+        return [b - a for a, b in zip(self.stamps[1:], [*self.stamps[2:], end], strict=False)]
 
     def remove(self) -> None:
+        """Remove the forward pre-hooks from the models (the clock stops stamping)."""
         for hook in self._hooks:
             hook.remove()
 
@@ -202,6 +206,9 @@ class Runners:
 
 
 def make_runners(sdpa_model: Any, eager_model: Any, inputs: Any) -> Runners:
+    """The three modes on the same ``inputs``: ``sdpa`` (plain generate on the SDPA model), ``record``
+    (the same inside :func:`vpstudy.record`, all text layers, scores kept) and ``eager+attn`` (the eager
+    model with ``output_attentions=True``); each run returns the generated sequences."""
     last: list[Recorder] = []
 
     def sdpa(n: int) -> torch.Tensor:
@@ -230,6 +237,8 @@ def timed(run: Callable[[int], torch.Tensor], n: int, clock: StepClock) -> tuple
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options from ``argv`` (``sys.argv[1:]`` when None); exits via argparse unless
+    N ≥ 2, the sizes are ≥ 1 and the geometry divides evenly (hidden by heads, heads by KV heads, even head dim)."""
     parser = argparse.ArgumentParser(
         prog="python -m vpstudy.bench.recording",
         description="Decode-step time of vpstudy.record vs plain SDPA vs eager output_attentions (see module doc).",
@@ -304,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for mode in MODES:
                 t_full, steps, seq = timed(runners.runs[mode], n, clock)
                 if mode == "record":  # convert the N-token trace once, untimed, for the sanity check
-                    scores = runners.last_recorder[0].traces()[0].scores
+                    scores = runners.last_recorder[0].traces()[0].scores  # kept: record() has keep_scores=True
                 t_pre, _, _ = timed(runners.runs[mode], 1, clock)
                 timing = timings[mode]
                 timing.full_s.append(t_full)
@@ -340,8 +349,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         met = ratios[name] >= target if above else ratios[name] <= target
         print(f"{label[name]:<37} {ratios[name]:.2f}x  (target {'>=' if above else '<='} {target}x: "
               f"{'met' if met else 'NOT met'}; in-run {in_run_ratios[name]:.2f}x)")  # fmt: skip
+    scores_shape = None if scores is None else list(scores.shape)
     print(f"identical tokens: sdpa vs record {same_record}, sdpa vs eager+attn {same_eager}; "
-          f"recorded scores per sample [steps, layers, N_v] = {list(scores.shape)}")  # fmt: skip
+          f"recorded scores per sample [steps, layers, N_v] = {scores_shape}")  # fmt: skip
     elapsed = time.perf_counter() - started
     load_after = load_average()
     print(f"total {elapsed:.0f} s; load average {load_after}")

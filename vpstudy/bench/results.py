@@ -1,4 +1,6 @@
-"""What every benchmark result JSON starts with, and how it is written (``bench/results/``)."""
+"""What every benchmark result JSON starts with, how it is written (``bench/results/``), and how
+the latency results are read back (:func:`load_latency_results`, drawn by
+:func:`vpstudy.figures.fig_latency`)."""
 
 from __future__ import annotations
 
@@ -10,13 +12,24 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import VpstudyError
 from ..provenance import package_versions
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+LATENCY_COLUMNS = ("visual_tokens", "method", "prefill_s", "decode_s", "total_s")
+
+
+class ResultFileError(VpstudyError):
+    """A benchmark result file that exists but cannot be used; the message names it."""
 
 
 def kernel_versions() -> dict[str, str | None]:
@@ -107,7 +120,7 @@ def result_header(module: str, argv: Sequence[str] | None, load_before: list[flo
         command = shlex.join([sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)])
     return {
         "benchmark": module,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": command,
         "device": device_block(device, load_before, load_after),
         "versions": package_versions(),
@@ -121,3 +134,84 @@ def write_result(path: Path | None, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+# -- latency results, read back ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """One latency benchmark file (see :func:`load_latency_results`).
+
+    Attributes:
+        path: the JSON file.
+        device: a label of the device it was measured on (:func:`device_label`).
+        rows: one row per (visual_tokens, method), repeats reduced to their median: columns
+            ``visual_tokens`` (int), ``method``, ``prefill_s``, ``decode_s``, ``total_s`` and,
+            where recorded, ``roofline_decode_s`` (seconds).
+    """
+
+    path: Path
+    device: str
+    rows: pd.DataFrame
+
+
+def device_label(device: Any) -> str:
+    """A result's ``device`` (a name, or a block with ``name`` and ``type``) as one label."""
+    if isinstance(device, dict):
+        return " ".join(str(device[k]) for k in ("name", "type") if device.get(k)) or "unknown device"
+    return str(device) if device else "unknown device"
+
+
+def load_latency_results(bench_dir: str | Path) -> list[LatencyResult]:
+    """Every latency result among the ``*.json`` files of ``bench_dir`` (none if it is absent).
+
+    Schema of a latency file (other JSON files, e.g. recording benchmarks, are ignored)::
+
+        {"kind": "latency",
+         "device": "NVIDIA H100" | {"name": ..., "type": ...},
+         "rows": [{"visual_tokens": 8192,        # visual-context length (int)
+                   "method": "dense",            # "dense" or a sparse method's name
+                   "prefill_s": 1.2, "decode_s": 8.5, "total_s": 9.7,   # seconds
+                   "roofline_decode_s": 3.1},    # optional: ideal decode time, seconds
+                  ...]}
+
+    Every ``visual_tokens`` needs a ``dense`` row. Rows sharing (visual_tokens, method) are
+    repeats; their median is used.
+
+    Raises:
+        ResultFileError: unreadable JSON, or a latency file with missing fields or no dense row.
+    """
+    import pandas as pd  # the benchmarks themselves do not need pandas
+
+    folder = Path(bench_dir)
+    if not folder.is_dir():
+        return []
+    results = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ResultFileError(f"{path}: cannot be read as JSON ({e})") from None
+        if not isinstance(data, dict) or data.get("kind") != "latency":
+            continue
+        try:
+            rows = pd.DataFrame(data.get("rows") or [])
+        except (TypeError, ValueError) as e:
+            raise ResultFileError(f"{path}: 'rows' is not a list of records ({e})") from None
+        missing = [c for c in LATENCY_COLUMNS if c not in rows.columns]
+        if rows.empty or missing:
+            raise ResultFileError(f"{path}: latency rows need {', '.join(LATENCY_COLUMNS)}"
+                                  + (f" (missing: {', '.join(missing)})" if missing else " (no rows)"))  # fmt: skip
+        numeric = [c for c in (*LATENCY_COLUMNS[2:], "roofline_decode_s") if c in rows.columns]
+        try:
+            rows[numeric] = rows[numeric].astype("float64")
+        except (TypeError, ValueError) as e:
+            raise ResultFileError(f"{path}: non-numeric seconds in the latency rows ({e})") from None
+        rows = rows.groupby(["visual_tokens", "method"], sort=False)[numeric].median().reset_index()
+        lengths = set(rows["visual_tokens"])
+        no_dense = sorted(lengths - set(rows.loc[rows["method"] == "dense", "visual_tokens"]))
+        if no_dense:
+            raise ResultFileError(f"{path}: no dense row for visual_tokens {no_dense}")
+        results.append(LatencyResult(path, device_label(data.get("device")), rows))
+    return results

@@ -1,4 +1,4 @@
-"""Statistics of recorded runs, as plain functions on arrays (SPEC, Definitions).
+"""Statistics of recorded runs, as plain functions on arrays (definitions: docs/design.md).
 
 This module holds the estimators; turning a run into tables, the CLI (``vpstudy analyze``) and
 the figures build on it. Every function states the shapes it takes. Conventions:
@@ -88,8 +88,9 @@ def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> tuple[fl
     return float(low), float(high)
 
 
-def bootstrap_mean_ci(values: np.ndarray, *, n_boot: int = 2000, level: float = 0.95,
-                      seed: int = 0) -> tuple[float, float, float]:  # fmt: skip
+def bootstrap_mean_ci(
+    values: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean of independent per-unit values (e.g. one per sample) with a percentile bootstrap
     interval: ``n_boot`` resamples of the units with replacement. NaN values are dropped first;
     all NaN gives NaN for all three.
@@ -118,7 +119,8 @@ def cluster_bootstrap_ci(
     """A statistic of the pooled steps, with a percentile bootstrap interval over traces.
 
     Args:
-        xs, ys: one pair of equal-length 1-D arrays per trace (e.g. mass and active count per step).
+        xs: one 1-D array per trace (e.g. the mass per step).
+        ys: one 1-D array per trace, as long as its ``xs`` array (e.g. the active count per step).
         statistic: computed on the concatenation of the chosen traces.
         n_boot: bootstrap replicates; each draws ``len(xs)`` traces with replacement.
         level: coverage of the interval.
@@ -159,7 +161,8 @@ def permutation_pvalue(
     make the null far too narrow (see tests/stats).
 
     Args:
-        xs, ys: one pair of equal-length 1-D arrays per trace.
+        xs: one 1-D array per trace.
+        ys: one 1-D array per trace, as long as its ``xs`` array.
         statistic: computed on the pooled steps; the p-value compares its absolute value.
         n_perm: permutations.
         seed: seed of the permutations.
