@@ -158,3 +158,29 @@ def test_static_and_dynamic_caches_prune_alike(family, name, tmp_path):
     for a, b in zip(kept_static, kept_dynamic, strict=True):
         np.testing.assert_array_equal(a.counts, b.counts)
         np.testing.assert_array_equal(a.masks, b.masks)
+
+
+@pytest.mark.parametrize(
+    "family_name, left_out",
+    [
+        ("qwen2_vl", {"learnpruner-5", "learnpruner-10", "attribution_oracle-5", "attribution_oracle-10"}),
+        ("internvl", {f"{m}-{b}" for m in ("visionzip", "desap", "learnpruner", "attribution_oracle") for b in (5, 10)}),
+    ],
+)
+def test_the_comparison_leaves_out_rows_the_model_cannot_run_and_says_why(family_name, left_out, tiny_dirs):
+    """``--method all`` on a model a method does not support (a family, a missing trained module)
+    runs every other row: those rows are left out with one line each, not the whole comparison."""
+    from vpstudy.evaluation import check_plans, comparison_plans
+
+    model, _ = vpstudy.load(tiny_dirs[family_name])
+    rows = comparison_plans(model.config.get_text_config().num_hidden_layers)
+    unavailable = check_plans(model, rows)
+    assert set(unavailable) == left_out
+    for label, reason in unavailable.items():
+        assert "\n" not in reason and ("does not support family" in reason or "no trained pruning module" in reason)
+
+
+def test_budgets_without_a_paper_rule_give_no_row_that_depends_on_one():
+    labels = [e.label for e in comparison_entries(8, budgets=(0.05, 0.2))]
+    assert "visionpulse-5" in labels and "random-like-visionpulse-5" in labels and "topk-20" in labels
+    assert not [label for label in labels if label.endswith("visionpulse-20")]

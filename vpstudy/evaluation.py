@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -291,7 +292,11 @@ def compare(
         if main:
             (dense.path / EVAL_FILE).write_text(json.dumps(results["dense"], indent=2) + "\n", encoding="utf-8")
     rows = [at_anchor(e, anchor) for e in comparison_plans(n_layers, budgets=budgets, rule=rule)] + list(extra)
-    check_plans(model, rows, rule=rule, seed=settings.seed)
+    unavailable = check_plans(model, rows, rule=rule, seed=settings.seed)
+    for label, reason in unavailable.items():
+        if main:
+            print(f"--method all: row {label} left out: {reason}", file=sys.stderr, flush=True)
+    rows = [planned for planned in rows if planned.label not in unavailable]
     for planned in rows:
         if planned.label in results:
             continue
@@ -316,7 +321,11 @@ def compare(
     table = comparison_table(results, rows)
     if main:
         table.to_csv(out / "comparison.csv", index=False)
-        (out / "comparison.md").write_text(comparison_markdown(table), encoding="utf-8")
+        left_out = "".join(f"\n- {label} left out: {reason}" for label, reason in unavailable.items())
+        (out / "comparison.md").write_text(
+            comparison_markdown(table) + (f"\nRows this model cannot run:{left_out}\n" if left_out else ""),
+            encoding="utf-8",
+        )
     return table
 
 
@@ -330,17 +339,30 @@ def at_anchor(entry: Entry, anchor: int | None) -> Entry:
     return replace(entry, settings={**entry.settings, entry.anchor_setting: str(value)})
 
 
-def check_plans(model: Any, rows: Sequence[PlannedRun], *, rule: BudgetRule | None = None, seed: int = 0) -> None:
+def check_plans(
+    model: Any, rows: Sequence[PlannedRun], *, rule: BudgetRule | None = None, seed: int = 0
+) -> dict[str, str]:
     """Build every row's plan and check its methods against ``model`` (and the fitted ``rule``)
     before anything is recorded, so a bad setting is reported before the first run is written. A
     row whose ratio comes from an earlier row's result is checked with a stand-in ratio of 0.5.
 
+    Returns:
+        The rows this model cannot run, by label, each with the one-line reason
+        (:class:`~vpstudy.pruning.methods.base.MethodUnavailable`: a family the method does not
+        support, a trained component the model lacks), and the rows whose ratio would come from
+        one of them.
+
     Raises:
-        PruningError / BudgetRuleError: the first row that cannot run, in one line naming it.
+        PruningError / BudgetRuleError: the first row with a bad setting, in one line naming it.
     """
     from .collect import build_pruner
+    from .pruning.methods.base import MethodUnavailable
 
+    unavailable: dict[str, str] = {}
     for planned in rows:
+        if planned.ratio_from in unavailable:
+            unavailable[planned.label] = f"its ratio comes from row {planned.ratio_from}, which cannot run"
+            continue
         values = dict(planned.settings)
         if planned.ratio_from is not None:
             values["ratio"] = "0.5"
@@ -348,8 +370,11 @@ def check_plans(model: Any, rows: Sequence[PlannedRun], *, rule: BudgetRule | No
             plan = build_plan(planned.method, values, rule=rule if planned.use_rule else None, label=planned.label)
             if plan is not None:
                 build_pruner(model, plan, seed)
+        except MethodUnavailable as e:
+            unavailable[planned.label] = str(e)
         except VpstudyError as e:
             raise type(e)(f"--method all, row {planned.label}: {e}") from None
+    return unavailable
 
 
 def comparison_table(results: dict[str, dict[str, Any]], entries: Sequence[Entry] = ()) -> pd.DataFrame:

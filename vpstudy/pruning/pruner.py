@@ -56,7 +56,7 @@ from ..families import FamilySpec, TextGeometry
 from ..hooks import BEGIN, CHUNK, MODIFY, OBSERVE, START, GenerationState, HookContext, Participant
 from ..loading import config_hash, family_of
 from .encoder import EncoderStage
-from .methods import Decision, HiddenEdit, PruningError, PruningMethod, Stage, VisionPulse
+from .methods import Decision, HiddenEdit, MethodUnavailable, PruningError, PruningMethod, Stage, VisionPulse
 
 ENCODER_STAGE = -1  # stage index of a method's decision after the vision encoder
 
@@ -186,7 +186,7 @@ class Pruner(Participant):
         model_dir = getattr(model.config, "_name_or_path", None) or None
         for method in self.methods:
             if method.families is not None and self.spec.name not in method.families and not method.keeps_everything():
-                raise PruningError(f"{method.name} does not support family {self.spec.name!r} "
+                raise MethodUnavailable(f"{method.name} does not support family {self.spec.name!r} "
                                    f"(supported: {', '.join(method.families)})")  # fmt: skip
             method.prepare(model_hash, self.n_layers)
             method.bind(model_dir)

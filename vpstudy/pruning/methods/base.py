@@ -40,6 +40,12 @@ class PruningError(VpstudyError):
     """A pruning method or setting that cannot be used (one-line message naming it)."""
 
 
+class MethodUnavailable(PruningError):
+    """A valid method that cannot run on this model: a family it does not support, or a trained
+    component it needs that the model does not have. ``vpstudy evaluate --method all`` leaves
+    such a row out with this line, where a bad setting stops the whole comparison."""
+
+
 @dataclass
 class Decision:
     """What a stage sees when it decides, for every batch row.

@@ -18,6 +18,7 @@ from .base import (
     Decision,
     EncoderContext,
     FeatureSelection,
+    MethodUnavailable,
     PruningError,
     PruningMethod,
     Stage,
@@ -69,7 +70,7 @@ class PruningModule(torch.nn.Module):
             config = json.loads((directory / MODULE_CONFIG).read_text(encoding="utf-8"))
             state = load_file(str(directory / MODULE_WEIGHTS))
         except FileNotFoundError:
-            raise PruningError(
+            raise MethodUnavailable(
                 f"learnpruner: no trained pruning module in {directory} "
                 f"(expected {MODULE_WEIGHTS} and {MODULE_CONFIG}; train one with vpstudy train-pruner)"
             ) from None

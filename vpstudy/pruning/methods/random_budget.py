@@ -54,7 +54,12 @@ class RandomBudget(PruningMethod):
 
     @classmethod
     def comparison(cls, budget: float, n_layers: int) -> list[Entry]:
-        """A random set of VisionPulse's mean kept fraction at the same budget (set from that row)."""
+        """A random set of VisionPulse's mean kept fraction at the same budget (set from that row;
+        none at a budget where VisionPulse has no paper rule, so no row to take it from)."""
+        from .visionpulse import PAPER_RULES
+
+        if budget not in PAPER_RULES:
+            return []
         source = f"visionpulse-{pct(budget)}"
         return [
             Entry(

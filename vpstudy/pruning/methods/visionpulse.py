@@ -22,6 +22,12 @@ from .base import (
     head_mean_probs,
 )
 
+# the paper's rules by budget (tau, b_min, b_max): the rows of the comparison at 5% and 10%
+PAPER_RULES: dict[float, dict[str, str]] = {
+    0.05: {"tau": "0.1", "b_min": "0.01", "b_max": "0.05"},
+    0.10: {"tau": "0.4", "b_min": "0.05", "b_max": "0.1"},
+}
+
 
 @register
 @dataclass
@@ -99,11 +105,8 @@ class VisionPulse(PruningMethod):
     def comparison(cls, budget: float, n_layers: int) -> list[Entry]:
         """The paper's ≤5% (τ 0.1, [0.01, 0.05]) or ≤10% (τ 0.4, [0.05, 0.10]) rule; at 5% also
         VisionPulse on top of FastV at 50% (the paper's appendix composition)."""
-        if budget == 0.05:
-            paper = {"tau": "0.1", "b_min": "0.01", "b_max": "0.05"}
-        elif budget == 0.10:
-            paper = {"tau": "0.4", "b_min": "0.05", "b_max": "0.1"}
-        else:
+        paper = PAPER_RULES.get(budget)
+        if paper is None:
             return []
         label = f"visionpulse-{pct(budget)}"
         rows = [
