@@ -657,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of visual tokens the training mask keeps (LearnPruner's stage-1 budget R1)")
     tp.add_argument("--steps", type=positive, default=300, help="optimizer steps")
     tp.add_argument("--batch-size", type=positive, default=16, help="examples per step")
-    tp.add_argument("--lr", type=positive_number, default=2e-3, help="AdamW learning rate")
+    tp.add_argument("--lr", type=positive_number, default=5e-4, help="AdamW learning rate")
     tp.add_argument("--seed", type=seed, default=0, help="seed of the module and the training data")
     tp.add_argument("--threads", type=positive, default=1, help="torch CPU threads")
     tp.add_argument("--no-progress", action="store_true", help="no progress bar")

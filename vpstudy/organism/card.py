@@ -137,6 +137,7 @@ def _organism(family: str, root: Path, folder_name: str | None = None) -> list[s
             "",
             f"LearnPruner's pruning module (`learnpruner.safetensors`, {record['settings']['steps']} steps of "
             f"batch {record['settings']['batch_size']}, keep {record['settings']['keep']:g}, "
+            f"learning rate {record['settings']['lr']:g}, "
             f"{record['wall_time_s'] / 60:.1f} min): trace loss {sum(curve[:tenth]) / tenth:.3f} over the first "
             f"tenth of the steps, {sum(curve[-tenth:]) / tenth:.3f} over the last.",
         ]
