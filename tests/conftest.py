@@ -32,8 +32,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def organism_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped LLaVA organism recorded on the first 64 examples of its evaluation set
+    """The shipped LLaVA organism v1 recorded on the first 64 examples of its evaluation set
     (every text layer, greedy, as ``vpstudy demo`` records it). Tests copy it before changing it."""
     from vpstudy.organism.shipped import example_run
 
-    return example_run(tmp_path_factory.mktemp("organism") / "run", samples=64)
+    return example_run(tmp_path_factory.mktemp("organism") / "run", version="v1", samples=64)

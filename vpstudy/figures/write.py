@@ -171,11 +171,13 @@ def _run_jobs(
             f"({run.manifest['method']})"
         )
     else:
-        rules = budget_rules(run, layer, fitted, report.skipped)
-        if (missing := top_p_note(run, layer)) is not None:
+        # at the fitted rule's layer (its anchor) when the run recorded it, else the analysis layer
+        at = fitted.layer if fitted is not None and fitted.layer in run.manifest["layers"] else layer
+        rules = budget_rules(run, at, fitted, report.skipped)
+        if (missing := top_p_note(run, at)) is not None:
             report.notes.append(f"{prefix}budget_dynamics drawn without top-p: {missing}")
         jobs += [
-            (f"{prefix}budget_dynamics{suffix.get(s, '')}", partial(fig_budget_dynamics, run, s, layer, rules=rules))
+            (f"{prefix}budget_dynamics{suffix.get(s, '')}", partial(fig_budget_dynamics, run, s, at, rules=rules))
             for s in chosen
         ]
     return jobs

@@ -93,26 +93,32 @@ def write_eval_set(
 
 
 def example_run(
-    out: str | Path = "runs/example", *, family: str = "llava", samples: int = 16, progress: bool = False
+    out: str | Path | None = None,
+    *,
+    family: str = "llava",
+    version: str = "v2",
+    samples: int = 16,
+    progress: bool = False,
 ) -> Path:
-    """A small run to explore: the shipped organism recorded on the first ``samples`` evaluation
-    examples (every layer, p̄ kept at every layer: ``--store full``, greedy, up to 48 tokens),
-    written to ``out`` or resumed there. The notebooks use it when no run is given. Returns the
-    run directory."""
+    """A small run to explore: the shipped organism ``version`` recorded on the first ``samples``
+    examples of its evaluation set (every layer, p̄ kept at every layer: ``--store full``, greedy,
+    up to 48 tokens), written to ``out`` (default ``runs/example-<version>``) or resumed there.
+    The notebooks use it when no run is given. Returns the run directory."""
     from ..collect import RecordSettings, record_dataset
     from ..datasets import load_dataset
     from ..loading import load
     from ..storage import StorePolicy
 
-    model, processor = load(organism_dir(family))
+    model_dir = organism_dir(family, version)
+    model, processor = load(model_dir)
     settings = RecordSettings(max_new_tokens=48, batch_size=min(samples, 32), store=StorePolicy.full())
     run = record_dataset(
         model,
         processor,
-        load_dataset(eval_set_path(), limit=samples),
-        out,
+        load_dataset(eval_set_path(version), limit=samples),
+        out if out is not None else Path("runs") / f"example-{version}",
         settings,
-        model_path=str(organism_dir(family)),
+        model_path=str(model_dir),
         progress=progress,
     )
     return run.path
