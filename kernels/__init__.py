@@ -1,12 +1,13 @@
 """GPU kernels (Triton) for the pruner's decode fast path, shipped as ``vpstudy.kernels``.
 
-Each kernel sits beside the pure-torch reference it is tested against:
+Each kernel is tested against the pure-torch reference backend (vpstudy.backends.reference):
 
 - :mod:`.anchor` — one fused pass at the anchor layer: per-head visual mass at τ, the budget,
   the head-mean visual scores and the top-K kept indices of every sequence (reference:
-  :func:`.reference.anchor_select`);
+  :func:`vpstudy.backends.reference.anchor_select`);
 - :mod:`.sparse_decode` — split-K decode attention over the non-visual keys plus a per-sequence
-  gathered subset of visual keys, token-exact or in blocks (reference: :func:`.reference.sparse_decode`).
+  gathered subset of visual keys, token-exact or in blocks (reference:
+  :func:`vpstudy.backends.reference.sparse_decode`).
 
 :mod:`.layout` holds what they take and return. Triton is imported only by the kernel modules.
 On a machine without CUDA the kernels run only in Triton's interpreter: set
