@@ -283,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "visual_tokens": args.visual_tokens,
         "steps": args.steps,
         "repeats": args.repeats,
+        "threads_per_mode": args.threads,  # torch threads in each mode's process (None: torch's default)
         "modes": results,
         "target": {"record/sdpa": RECORD_TARGET},
     }
