@@ -564,3 +564,19 @@ def test_a_read_only_output_directory_refuses_for_real(root, tmp_path, capsys):
     finally:
         out.chmod(0o755)
     assert err == [f"vpstudy figures: error: {out}: cannot write figures there (Permission denied)"]
+
+
+def test_budget_dynamics_are_drawn_at_the_fitted_rules_layer(root, tmp_path):
+    """A rule fitted at a layer other than the analysis layer (an anchor chosen from data) is
+    drawn on the trace of its own layer, not left out."""
+    from vpstudy.storage import analysis_layer
+
+    layer = max(LAYERS)
+    assert layer != analysis_layer(LAYERS)
+    rule = BudgetRule(signal="mass", b_min=0.01, b_max=0.3, slope=0.2, layer=layer,
+                      model={"config_hash": "synthetic", "path": "synthetic"})  # fmt: skip
+    rule.save(tmp_path / "rule.json")
+    report = write_figures([root / "run"], tmp_path / "figs", bench_dir=None, rule=tmp_path / "rule.json",
+                           progress=False)  # fmt: skip
+    assert not [s for s in report.skipped if "budget" in s], report.skipped
+    assert tmp_path / "figs" / "budget_dynamics.png" in report.written

@@ -172,7 +172,8 @@ def _run_jobs(
         )
     else:
         # at the fitted rule's layer (its anchor) when the run recorded it, else the analysis layer
-        at = fitted.layer if fitted is not None and fitted.layer in run.manifest["layers"] else layer
+        rule_layer = fitted.layer if fitted is not None else None
+        at = rule_layer if rule_layer is not None and rule_layer in run.manifest["layers"] else layer
         rules = budget_rules(run, at, fitted, report.skipped)
         if (missing := top_p_note(run, at)) is not None:
             report.notes.append(f"{prefix}budget_dynamics drawn without top-p: {missing}")
