@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
+import torch
 from helpers import snapshot
 
 import vpstudy
@@ -38,6 +39,17 @@ EVAL_SET = ROOT / "data" / "organism-eval" / "data.jsonl"
 TIMINGS = ["batch_prefill_s", "batch_decode_s"]  # wall times: the only columns a merged run may differ in
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
                "ROLE_RANK", "TORCHELASTIC_RUN_ID")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The launched processes decode with one torch thread (``OMP_NUM_THREADS=1``); so does this
+    process while the test runs, so that matmul reductions, and every last bit of the values
+    compared, are the same whatever thread count pytest was started with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _env() -> dict[str, str]:

@@ -59,6 +59,17 @@ def tiny_llava(tmp_path_factory) -> Path:
     return make_tiny("llava", tmp_path_factory.mktemp("tiny") / "llava", seed=0)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The launched processes decode with one torch thread (``OMP_NUM_THREADS=1``); so does this
+    process while the test runs, so that matmul reductions, and every last bit of the values
+    compared, are the same whatever thread count pytest was started with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _offline_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     return env | {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
