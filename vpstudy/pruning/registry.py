@@ -95,6 +95,12 @@ def pct(budget: float) -> str:
     return f"{100 * budget:g}"
 
 
+def ratio_entry(method: str, budget: float, display: str, **fields: Any) -> Entry:
+    """The comparison row ``<method>-<pct>`` of a method run with ``ratio`` = ``budget`` (the
+    common shape of a method's :meth:`comparison`); ``fields`` set the other :class:`Entry` fields."""
+    return Entry(f"{method}-{pct(budget)}", method, {"ratio": str(budget)}, display, budget=budget, **fields)
+
+
 def comparison_entries(
     n_layers: int,
     *,

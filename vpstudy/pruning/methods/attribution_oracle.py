@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from ...rules import keep_count
 from ...selection import top_counts_mask
-from ..registry import Entry, pct, register
+from ..registry import Entry, pct, ratio_entry, register
 from .base import Decision, PruningError, PruningMethod, Stage, anchor_stage, check_ratio
 
 
@@ -111,14 +111,5 @@ class AttributionOracle(PruningMethod):
     @classmethod
     def comparison(cls, budget: float, n_layers: int) -> list[Entry]:
         """The oracle at the budget, at the VisionPulse anchor (an upper reference row)."""
-        return [
-            Entry(
-                f"attribution_oracle-{pct(budget)}",
-                "attribution_oracle",
-                {"ratio": str(budget)},
-                f"attribution oracle top-K {pct(budget)}% (reference)",
-                group="reference",
-                budget=budget,
-                anchor_setting="anchor",
-            )
-        ]
+        display = f"attribution oracle top-K {pct(budget)}% (reference)"
+        return [ratio_entry("attribution_oracle", budget, display, group="reference", anchor_setting="anchor")]

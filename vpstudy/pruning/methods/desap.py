@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from ...families import ENCODER_FAMILIES
 from ...rules import keep_count
-from ..registry import Entry, pct, register
+from ..registry import Entry, pct, ratio_entry, register
 from .base import EncoderContext, FeatureSelection, PruningError, PruningMethod, check_ratio
 from .merging import assign_to_nearest, merge_into
 
@@ -96,13 +96,4 @@ class DeSAP(PruningMethod):
     @classmethod
     def comparison(cls, budget: float, n_layers: int) -> list[Entry]:
         """DeSAP keeping the budget's share of the visual tokens."""
-        return [
-            Entry(
-                f"desap-{pct(budget)}",
-                "desap",
-                {"ratio": str(budget)},
-                f"DeSAP {pct(budget)}%",
-                group="encoder",
-                budget=budget,
-            )
-        ]
+        return [ratio_entry("desap", budget, f"DeSAP {pct(budget)}%", group="encoder")]

@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from ...families import ENCODER_FAMILIES
 from ...rules import keep_count
-from ..registry import Entry, pct, register
+from ..registry import Entry, pct, ratio_entry, register
 from .base import (
     Decision,
     EncoderContext,
@@ -224,13 +224,4 @@ class LearnPruner(PruningMethod):
     @classmethod
     def comparison(cls, budget: float, n_layers: int) -> list[Entry]:
         """LearnPruner ending at the budget (R1 = 3 · R2 after stage 1)."""
-        return [
-            Entry(
-                f"learnpruner-{pct(budget)}",
-                "learnpruner",
-                {"ratio": str(budget)},
-                f"LearnPruner {pct(budget)}%",
-                group="encoder",
-                budget=budget,
-            )
-        ]
+        return [ratio_entry("learnpruner", budget, f"LearnPruner {pct(budget)}%", group="encoder")]

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from ...rules import keep_count
 from ...selection import top_counts_mask
-from ..registry import Entry, pct, register
+from ..registry import Entry, pct, ratio_entry, register
 from .base import Decision, HiddenEdit, PruningError, PruningMethod, Stage, check_ratio
 
 
@@ -161,13 +161,4 @@ class SparseVLM(PruningMethod):
     @classmethod
     def comparison(cls, budget: float, n_layers: int) -> list[Entry]:
         """SparseVLM ending at the budget (recycled tokens come on top)."""
-        return [
-            Entry(
-                f"sparsevlm-{pct(budget)}",
-                "sparsevlm",
-                {"ratio": str(budget)},
-                f"SparseVLM {pct(budget)}%",
-                group="prefill",
-                budget=budget,
-            )
-        ]
+        return [ratio_entry("sparsevlm", budget, f"SparseVLM {pct(budget)}%", group="prefill")]

@@ -9,7 +9,7 @@ import torch
 from typing_extensions import override
 
 from ...selection import fixed_keep_counts, top_counts_mask
-from ..registry import Entry, pct, register
+from ..registry import Entry, pct, ratio_entry, register
 from .base import (
     Decision,
     PruningMethod,
@@ -54,14 +54,5 @@ class StaticTopK(PruningMethod):
     @classmethod
     def comparison(cls, budget: float, n_layers: int) -> list[Entry]:
         """Top-K chosen once at the prefill, at the VisionPulse anchor."""
-        return [
-            Entry(
-                f"static_topk-{pct(budget)}",
-                "static_topk",
-                {"ratio": str(budget)},
-                f"static top-K {pct(budget)}% at prefill",
-                group="prefill",
-                budget=budget,
-                anchor_setting="anchor",
-            )
-        ]
+        display = f"static top-K {pct(budget)}% at prefill"
+        return [ratio_entry("static_topk", budget, display, group="prefill", anchor_setting="anchor")]

@@ -9,7 +9,7 @@ import torch
 from typing_extensions import override
 
 from ...selection import fixed_keep_counts, top_counts_mask
-from ..registry import Entry, pct, register
+from ..registry import Entry, pct, ratio_entry, register
 from .base import (
     Decision,
     PruningMethod,
@@ -49,13 +49,4 @@ class TopK(PruningMethod):
     @classmethod
     def comparison(cls, budget: float, n_layers: int) -> list[Entry]:
         """Fixed top-K at the budget, at the VisionPulse anchor."""
-        return [
-            Entry(
-                f"topk-{pct(budget)}",
-                "topk",
-                {"ratio": str(budget)},
-                f"fixed top-K {pct(budget)}%",
-                budget=budget,
-                anchor_setting="anchor",
-            )
-        ]
+        return [ratio_entry("topk", budget, f"fixed top-K {pct(budget)}%", anchor_setting="anchor")]

@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from ...families import ENCODER_FAMILIES
 from ...rules import keep_count
-from ..registry import Entry, pct, register
+from ..registry import Entry, pct, ratio_entry, register
 from .base import EncoderContext, FeatureSelection, PruningError, PruningMethod, check_ratio
 from .merging import assign_to_nearest, merge_into
 
@@ -85,13 +85,4 @@ class VisionZip(PruningMethod):
     @classmethod
     def comparison(cls, budget: float, n_layers: int) -> list[Entry]:
         """VisionZip keeping the budget's share of the visual tokens (dominant + contextual)."""
-        return [
-            Entry(
-                f"visionzip-{pct(budget)}",
-                "visionzip",
-                {"ratio": str(budget)},
-                f"VisionZip {pct(budget)}%",
-                group="encoder",
-                budget=budget,
-            )
-        ]
+        return [ratio_entry("visionzip", budget, f"VisionZip {pct(budget)}%", group="encoder")]
